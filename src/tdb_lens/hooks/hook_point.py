@@ -1,0 +1,139 @@
+"""`HookPoint`: an identity module that names an activation and lets hooks read or edit it.
+
+A hook is ``fn(activation, hook) -> activation | None``; returning ``None`` keeps the activation.
+Backward hooks receive the gradient flowing into the activation and may return a replacement.
+With no hooks registered a hook point costs one attribute check, so an unhooked model runs at the
+speed of the plain computation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Optional
+
+import torch
+from torch import nn
+
+HookFn = Callable[..., Optional[torch.Tensor]]
+Direction = Literal["fwd", "bwd"]
+
+
+@dataclass(eq=False)
+class LensHandle:
+    """One registered hook. ``remove()`` detaches it; removing twice is harmless."""
+
+    fn: HookFn
+    hook_point: "HookPoint"
+    direction: Direction
+    is_permanent: bool = False
+    active: bool = field(default=True)
+
+    def remove(self) -> None:
+        if not self.active:
+            return
+        self.active = False
+        lst = self.hook_point._fwd if self.direction == "fwd" else self.hook_point._bwd
+        try:
+            lst.remove(self)
+        except ValueError:  # already gone
+            pass
+
+
+class HookPoint(nn.Module):
+    """Identity module; its ``name`` is its module path inside the root model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name: str | None = None
+        self._fwd: list[LensHandle] = []
+        self._bwd: list[LensHandle] = []
+        # scratch space for hooks that want to remember things between calls (TransformerLens' ctx)
+        self.ctx: dict[Any, Any] = {}
+        # A module spliced in after this point's hooks (an SAE): what it returns flows on. Kept
+        # out of the module tree so attaching one never changes the model's state_dict.
+        self.__dict__["splice"] = None
+
+    def set_splice(self, module: Optional[nn.Module]) -> None:
+        """Route this point's output through ``module`` (``None`` removes it). Call root.setup() after."""
+        self.__dict__["splice"] = module
+
+    # -- registration -------------------------------------------------------------------------
+    def add_hook(
+        self,
+        fn: HookFn,
+        dir: Direction = "fwd",
+        is_permanent: bool = False,
+        prepend: bool = False,
+    ) -> LensHandle:
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"hook direction must be 'fwd' or 'bwd', got {dir!r}")
+        if not callable(fn):
+            raise TypeError(f"hook for {self.name!r} must be callable fn(activation, hook), got {type(fn).__name__}")
+        handle = LensHandle(fn, self, dir, is_permanent)
+        lst = self._fwd if dir == "fwd" else self._bwd
+        if prepend:
+            lst.insert(0, handle)
+        else:
+            lst.append(handle)
+        return handle
+
+    def remove_hooks(self, dir: Literal["fwd", "bwd", "both"] = "both", including_permanent: bool = False) -> None:
+        lists = {"fwd": [self._fwd], "bwd": [self._bwd], "both": [self._fwd, self._bwd]}[dir]
+        for lst in lists:
+            for h in list(lst):
+                if including_permanent or not h.is_permanent:
+                    h.remove()
+
+    def clear_context(self) -> None:
+        self.ctx.clear()
+
+    @property
+    def has_hooks(self) -> bool:
+        return bool(self._fwd or self._bwd)
+
+    @property
+    def n_hooks(self) -> int:
+        return len(self._fwd) + len(self._bwd)
+
+    # -- running ------------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # fast path: skip nn.Module.__call__ machinery entirely when nothing is attached
+        if not self._fwd and not self._bwd:
+            splice = self.__dict__["splice"]
+            return x if splice is None else splice(x)
+        return self.forward(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for h in list(self._fwd):
+            out = h.fn(x, hook=self)
+            if out is not None:
+                if not isinstance(out, torch.Tensor):
+                    raise TypeError(
+                        f"forward hook on {self.name!r} returned {type(out).__name__}; "
+                        "return a tensor or None"
+                    )
+                if out.shape != x.shape:
+                    raise ValueError(
+                        f"forward hook on {self.name!r} returned shape {tuple(out.shape)}, "
+                        f"expected {tuple(x.shape)}"
+                    )
+                x = out
+        if self._bwd and x.requires_grad:
+            handles = list(self._bwd)
+
+            def _grad_hook(grad: torch.Tensor) -> torch.Tensor:
+                for h in handles:
+                    if not h.active:  # removed between forward and backward
+                        continue
+                    out = h.fn(grad, hook=self)
+                    if out is not None:
+                        grad = out
+                return grad
+
+            x = x.view_as(x)  # a fresh node, so the gradient hook sees only this use
+            x.register_hook(_grad_hook)
+        splice = self.__dict__["splice"]
+        return x if splice is None else splice(x)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, fwd={len(self._fwd)}, bwd={len(self._bwd)}"

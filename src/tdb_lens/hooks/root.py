@@ -1,0 +1,210 @@
+"""`HookedRootModule`: the two primitives every analysis in tdb_lens is built on.
+
+``run_with_hooks`` runs the model with temporary hooks; ``run_with_cache`` records activations.
+Both go through the ``hooks()`` context manager, which validates every name before it adds
+anything and removes exactly the hooks it added, even when a hook or the forward raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Sequence, Union
+
+import torch
+from torch import nn
+
+from .cache import ActivationCache
+from .hook_point import HookFn, HookPoint, LensHandle
+from .names import unknown_name_error
+
+NameFilter = Union[str, Sequence[str], Callable[[str], bool], None]
+HookSpec = Sequence[tuple[Union[str, Callable[[str], bool]], HookFn]]
+
+
+class HookedRootModule(nn.Module):
+    """Root of a model made of `HookPoint`s. Call ``setup()`` after building (or changing) it."""
+
+    hook_dict: dict[str, HookPoint]
+
+    def setup(self) -> None:
+        """(Re)name every hook point by its module path and rebuild ``hook_dict``."""
+        self.hook_dict = {}
+        for name, module in self.named_modules():
+            if isinstance(module, HookPoint):
+                module.name = name
+                self.hook_dict[name] = module
+                self._add_spliced_hook_points(name, module)
+
+    def _add_spliced_hook_points(self, name: str, hp: HookPoint) -> None:
+        """Hook points of a module spliced into ``hp`` (an SAE) are named ``{hp.name}.{local}``."""
+        splice = hp.splice
+        if splice is None:
+            return
+        for local, module in splice.named_modules():
+            if isinstance(module, HookPoint) and local:
+                full = f"{name}.{local}"
+                module.name = full
+                self.hook_dict[full] = module
+                self._add_spliced_hook_points(full, module)
+
+    # -- lookup -------------------------------------------------------------------------------
+    def hook_points(self) -> list[HookPoint]:
+        return list(self.hook_dict.values())
+
+    def resolve_hook_points(self, name: Union[str, Callable[[str], bool]]) -> list[HookPoint]:
+        """Hook points named by a string (exact) or selected by a predicate on names."""
+        if isinstance(name, str):
+            hp = self.hook_dict.get(name)
+            if hp is None:
+                raise unknown_name_error(name, self.hook_dict)
+            return [hp]
+        if callable(name):
+            return [hp for n, hp in self.hook_dict.items() if name(n)]
+        raise TypeError(f"a hook target must be a name or a predicate on names, got {type(name).__name__}")
+
+    def _names_from_filter(self, names_filter: NameFilter) -> list[str]:
+        if names_filter is None:
+            return list(self.hook_dict)
+        if isinstance(names_filter, str):
+            return [hp.name for hp in self.resolve_hook_points(names_filter)]  # type: ignore[misc]
+        if callable(names_filter):
+            return [n for n in self.hook_dict if names_filter(n)]
+        out = []
+        for n in names_filter:
+            if n not in self.hook_dict:
+                raise unknown_name_error(n, self.hook_dict)
+            out.append(n)
+        return out
+
+    # -- adding and removing ------------------------------------------------------------------
+    def add_hook(
+        self,
+        name: Union[str, Callable[[str], bool]],
+        hook: HookFn,
+        dir: str = "fwd",
+        is_permanent: bool = False,
+        prepend: bool = False,
+    ) -> list[LensHandle]:
+        return [hp.add_hook(hook, dir=dir, is_permanent=is_permanent, prepend=prepend)  # type: ignore[arg-type]
+                for hp in self.resolve_hook_points(name)]
+
+    def add_perma_hook(self, name: Union[str, Callable[[str], bool]], hook: HookFn, dir: str = "fwd") -> list[LensHandle]:
+        return self.add_hook(name, hook, dir=dir, is_permanent=True)
+
+    def reset_hooks(self, including_permanent: bool = False, clear_contexts: bool = True) -> None:
+        for hp in self.hook_dict.values():
+            hp.remove_hooks("both", including_permanent=including_permanent)
+            if clear_contexts:
+                hp.clear_context()
+
+    def n_hooks(self) -> int:
+        return sum(hp.n_hooks for hp in self.hook_dict.values())
+
+    @contextlib.contextmanager
+    def hooks(
+        self,
+        fwd_hooks: HookSpec = (),
+        bwd_hooks: HookSpec = (),
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+    ) -> Iterator["HookedRootModule"]:
+        """Add hooks for the duration of a ``with`` block; remove exactly these on exit.
+
+        All names are resolved before any hook is added, so a bad name changes nothing.
+        """
+        plan: list[tuple[HookPoint, HookFn, str]] = []
+        for direction, specs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
+            for spec in specs:
+                if not (isinstance(spec, (tuple, list)) and len(spec) == 2):
+                    raise TypeError(f"each {direction} hook must be a (name_or_filter, fn) pair, got {spec!r}")
+                target, fn = spec
+                if not callable(fn):
+                    raise TypeError(f"hook for {target!r} must be callable fn(activation, hook)")
+                for hp in self.resolve_hook_points(target):
+                    plan.append((hp, fn, direction))
+        added: list[LensHandle] = []
+        try:
+            for hp, fn, direction in plan:
+                added.append(hp.add_hook(fn, dir=direction))  # type: ignore[arg-type]
+            yield self
+        finally:
+            if reset_hooks_end:
+                for h in added:
+                    h.remove()
+                if clear_contexts:
+                    for hp, _, _ in plan:
+                        hp.clear_context()
+
+    def run_with_hooks(
+        self,
+        *model_args: Any,
+        fwd_hooks: HookSpec = (),
+        bwd_hooks: HookSpec = (),
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        **model_kwargs: Any,
+    ) -> Any:
+        """Run the model with temporary hooks: ``fwd_hooks=[(name_or_filter, fn), ...]``.
+
+        Backward hooks only fire on a backward pass: with ``reset_hooks_end=True`` they are gone
+        when this returns, so call ``.backward()`` inside ``with model.hooks(bwd_hooks=...)``.
+        """
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
+            return self(*model_args, **model_kwargs)
+
+    # -- caching ------------------------------------------------------------------------------
+    def get_caching_hooks(
+        self,
+        names_filter: NameFilter = None,
+        incl_bwd: bool = False,
+        device: Union[str, torch.device, None] = None,
+        dtype: torch.dtype | None = None,
+        remove_batch_dim: bool = False,
+        cache: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[dict[str, torch.Tensor], list, list]:
+        cache = {} if cache is None else cache
+        names = self._names_from_filter(names_filter)
+
+        def save(key_suffix: str) -> HookFn:
+            def _save(act: torch.Tensor, hook: HookPoint) -> None:
+                t = act.detach()
+                if device is not None or dtype is not None:
+                    t = t.to(device=device, dtype=dtype)
+                cache[hook.name + key_suffix] = t[0] if remove_batch_dim else t  # type: ignore[operator]
+
+            return _save
+
+        fwd = [(n, save("")) for n in names]
+        bwd = [(n, save("_grad")) for n in names] if incl_bwd else []
+        return cache, fwd, bwd
+
+    def run_with_cache(
+        self,
+        *model_args: Any,
+        names_filter: NameFilter = None,
+        device: Union[str, torch.device, None] = None,
+        dtype: torch.dtype | None = None,
+        incl_bwd: bool = False,
+        stop_at_layer: int | None = None,
+        remove_batch_dim: bool = False,
+        return_cache_object: bool = True,
+        **model_kwargs: Any,
+    ) -> tuple[Any, Union[ActivationCache, dict[str, torch.Tensor]]]:
+        """Run the model and record the activations whose names pass ``names_filter``.
+
+        ``names_filter``: a name, a list of names or a predicate; ``None`` records every hook.
+        ``incl_bwd=True`` also backpropagates the output (which must then be a scalar, e.g.
+        ``return_type="loss"``) and records gradients under ``name + "_grad"``.
+        """
+        cache_dict, fwd, bwd = self.get_caching_hooks(names_filter, incl_bwd, device, dtype, remove_batch_dim)
+        if stop_at_layer is not None:
+            model_kwargs["stop_at_layer"] = stop_at_layer
+        with self.hooks(fwd, bwd):
+            out = self(*model_args, **model_kwargs)
+            if incl_bwd:
+                if not isinstance(out, torch.Tensor) or out.numel() != 1:
+                    raise ValueError("run_with_cache(incl_bwd=True) needs a scalar output, e.g. return_type='loss'")
+                out.backward()
+        if return_cache_object:
+            return out, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+        return out, cache_dict
