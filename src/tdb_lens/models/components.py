@@ -1,0 +1,287 @@
+"""Pieces every architecture shares: norms, the attention core, the residual block, the KV cache.
+
+An architecture supplies its own projections (how q/k/v and the output are computed from its
+stored weights) and positional scheme; everything about hooks, masking, caching and per-head
+views lives here once. Fast paths: a norm or an attention pattern with no hooks on it runs the
+fused PyTorch kernel (``F.layer_norm``, ``F.rms_norm``, ``scaled_dot_product_attention``); with a
+hook attached it is computed step by step so the intermediate can be read or edited.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import nn
+
+from ..hooks import HookPoint
+
+
+# --------------------------------------------------------------------------------------------
+# Norms
+# --------------------------------------------------------------------------------------------
+class LayerNorm(nn.Module):
+    """LayerNorm with ``hook_scale`` [batch, pos, 1] and ``hook_normalized`` (before weight/bias).
+
+    ``weight``/``bias`` are ``None`` after ``fold_ln`` (then it is TransformerLens' ``LNPre``).
+    """
+
+    centers = True
+
+    def __init__(self, d: int, eps: float) -> None:
+        super().__init__()
+        self.d, self.eps = d, eps
+        self.weight: Optional[nn.Parameter] = nn.Parameter(torch.ones(d))
+        self.bias: Optional[nn.Parameter] = nn.Parameter(torch.zeros(d))
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: Float[torch.Tensor, "... d"]) -> Float[torch.Tensor, "... d"]:
+        if not (self.hook_scale.has_hooks or self.hook_normalized.has_hooks):
+            return F.layer_norm(x, (self.d,), self.weight, self.bias, self.eps)
+        x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        x = self.hook_normalized(x / scale)
+        if self.weight is not None:
+            x = x * self.weight + self.bias
+        return x
+
+    def normalize_stack(self, stack: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Components of a residual normalised with its (frozen) scale; they sum to ``hook_normalized``."""
+        return (stack - stack.mean(-1, keepdim=True)) / scale
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (no centring) with the same hooks as `LayerNorm`. Computed in float32, as Hugging Face does."""
+
+    centers = False
+
+    def __init__(self, d: int, eps: float) -> None:
+        super().__init__()
+        self.d, self.eps = d, eps
+        self.weight: Optional[nn.Parameter] = nn.Parameter(torch.ones(d))
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: Float[torch.Tensor, "... d"]) -> Float[torch.Tensor, "... d"]:
+        dtype = x.dtype
+        if not (self.hook_scale.has_hooks or self.hook_normalized.has_hooks):
+            y = x.float()
+            y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+            y = y.to(dtype)
+            return y if self.weight is None else self.weight * y
+        y = x.float()
+        scale = self.hook_scale((y.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        y = self.hook_normalized((y / scale).to(dtype))
+        return y if self.weight is None else self.weight * y
+
+    def normalize_stack(self, stack: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return stack / scale
+
+
+# --------------------------------------------------------------------------------------------
+# Per-forward context and KV cache
+# --------------------------------------------------------------------------------------------
+@dataclass
+class KVCache:
+    """Keys and values of past positions, per layer, in [batch, kv_head, pos, d_head] (post-rotary)."""
+
+    keys: list[Optional[torch.Tensor]] = field(default_factory=list)
+    values: list[Optional[torch.Tensor]] = field(default_factory=list)
+    attention_mask: Optional[torch.Tensor] = None  # [batch, past_len] (1 = real token)
+
+    @classmethod
+    def empty(cls, n_layers: int) -> "KVCache":
+        return cls([None] * n_layers, [None] * n_layers)
+
+    @property
+    def length(self) -> int:
+        k = self.keys[0] if self.keys else None
+        return 0 if k is None else k.shape[-2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=-2)  # type: ignore[list-item]
+            v = torch.cat([self.values[layer], v], dim=-2)  # type: ignore[list-item]
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+@dataclass
+class ForwardContext:
+    """What every layer needs to know about the current forward pass."""
+
+    positions: torch.Tensor  # [batch, pos] absolute positions of the current tokens
+    key_mask: Optional[torch.Tensor]  # [batch, past+pos] bool, True = real token; None = no padding
+    kv_cache: Optional[KVCache] = None
+    memo: dict[Any, Any] = field(default_factory=dict)  # per-forward values shared by layers (rotary)
+
+    def allowed(self, q_len: int, k_len: int, device: torch.device, explicit: bool) -> Optional[torch.Tensor]:
+        """Boolean [batch|1, 1, q, k] mask of the keys each query may attend to.
+
+        ``None`` (only when ``explicit`` is False) means plain causal attention with q_len == k_len
+        or a single query attending to everything: the fused kernel handles those itself.
+        """
+        key = ("allowed", q_len, k_len, explicit)
+        if key in self.memo:
+            return self.memo[key]
+        if self.key_mask is None and not explicit and (q_len == k_len or q_len == 1):
+            self.memo[key] = None
+            return None
+        q_idx = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+        allowed = (torch.arange(k_len, device=device)[None, :] <= q_idx)[None, None]
+        if self.key_mask is not None:
+            allowed = allowed & self.key_mask[:, None, None, :]
+            # a padding query would attend to nothing (NaN): let it see itself; real rows unchanged
+            own = torch.zeros(q_len, k_len, dtype=torch.bool, device=device)
+            own[torch.arange(q_len), torch.arange(k_len - q_len, k_len)] = True
+            allowed = allowed | (own[None, None] & ~allowed.any(-1, keepdim=True))
+        self.memo[key] = allowed
+        return allowed
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Hooks, masking, GQA and per-head views shared by all architectures.
+
+    Subclasses implement ``project(x)`` -> q [b,p,h,d], k/v [b,p,h_kv,d]; ``project_out(z)``; the
+    weight views ``W_Q, W_K, W_V, W_O`` and biases ``b_Q, b_K, b_V, b_O`` (zeros where absent); and
+    optionally ``position(q, k, ctx)`` (rotary).
+    """
+
+    def __init__(self, n_heads: int, n_kv_heads: int, d_head: int, d_model: int, layer: int) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.d_head, self.d_model = n_heads, n_kv_heads, d_head, d_model
+        self.layer = layer
+        self.scale = d_head ** -0.5
+        self.use_attn_result = False  # per-head hook_result [b, p, h, d_model]: costs h x attn_out memory
+        self.use_split_qkv_input = False  # per-head q/k/v inputs (set through the model)
+        self.hook_q = HookPoint()
+        self.hook_k = HookPoint()
+        self.hook_v = HookPoint()
+        self.hook_attn_scores = HookPoint()
+        self.hook_pattern = HookPoint()
+        self.hook_z = HookPoint()
+        self.hook_result = HookPoint()
+
+    # -- architecture-specific ----------------------------------------------------------------
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def project_out(self, z: Float[torch.Tensor, "batch pos head_d"]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def position(self, q: torch.Tensor, k: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        return q, k
+
+    # -- per-head input path --------------------------------------------------------------------
+    def project_split(self, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor):
+        """q/k/v from per-head inputs ``[b, p, head, d_model]`` (``use_split_qkv_input``)."""
+        q = torch.einsum("bphm,hmd->bphd", xq, self.W_Q) + self.b_Q
+        k = torch.einsum("bphm,hmd->bphd", xk, self.W_K) + self.b_K
+        v = torch.einsum("bphm,hmd->bphd", xv, self.W_V) + self.b_V
+        return q, k, v
+
+    # -- repeated key/value weights for GQA --------------------------------------------------
+    @property
+    def W_K_per_query_head(self) -> torch.Tensor:
+        """``W_K`` repeated so head ``i`` is the key/value head query head ``i`` reads: [n_heads, d_model, d_head]."""
+        return self.W_K.repeat_interleave(self.n_heads // self.n_kv_heads, dim=0)
+
+    @property
+    def W_V_per_query_head(self) -> torch.Tensor:
+        return self.W_V.repeat_interleave(self.n_heads // self.n_kv_heads, dim=0)
+
+    @property
+    def OV(self):
+        from .factored import FactoredMatrix
+
+        return FactoredMatrix(self.W_V_per_query_head, self.W_O)
+
+    @property
+    def QK(self):
+        from .factored import FactoredMatrix
+
+        return FactoredMatrix(self.W_Q, self.W_K_per_query_head.transpose(-1, -2))
+
+    # -- the shared computation ------------------------------------------------------------------
+    def forward(self, x, ctx: ForwardContext) -> Float[torch.Tensor, "batch pos d_model"]:
+        q, k, v = self.project_split(*x) if isinstance(x, tuple) else self.project(x)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        q, k = self.position(q, k, ctx)
+        b, p = q.shape[:2]
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if ctx.kv_cache is not None:
+            kh, vh = ctx.kv_cache.update(self.layer, kh, vh)
+        k_len = kh.shape[-2]
+        gqa = self.n_heads != self.n_kv_heads
+        if not (self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks):
+            mask = ctx.allowed(p, k_len, q.device, explicit=False)
+            z = F.scaled_dot_product_attention(
+                qh, kh, vh, attn_mask=mask, is_causal=mask is None and p == k_len and p > 1,
+                scale=self.scale, enable_gqa=gqa,
+            )
+        else:
+            if gqa:
+                rep = self.n_heads // self.n_kv_heads
+                kh, vh = kh.repeat_interleave(rep, dim=1), vh.repeat_interleave(rep, dim=1)
+            scores = (qh @ kh.transpose(-1, -2)) * self.scale
+            scores = scores.masked_fill(~ctx.allowed(p, k_len, q.device, explicit=True), float("-inf"))
+            scores = self.hook_attn_scores(scores)
+            pattern = torch.softmax(scores, dim=-1)
+            pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+            pattern = self.hook_pattern(pattern)
+            z = pattern @ vh
+        z = self.hook_z(z.transpose(1, 2))  # [b, p, h, d_head]
+        if self.use_attn_result:
+            result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
+            return result.sum(2) + self.b_O
+        return self.project_out(z.reshape(b, p, self.n_heads * self.d_head))
+
+
+# --------------------------------------------------------------------------------------------
+# Block
+# --------------------------------------------------------------------------------------------
+class Block(nn.Module):
+    """Pre-norm residual block: ``resid + attn(ln1(resid))``, then ``+ mlp(ln2(resid))``."""
+
+    def __init__(self, ln1: nn.Module, attn: Attention, ln2: nn.Module, mlp: nn.Module) -> None:
+        super().__init__()
+        self.ln1, self.attn, self.ln2, self.mlp = ln1, attn, ln2, mlp
+        self.hook_resid_pre = HookPoint()
+        self.hook_q_input = HookPoint()
+        self.hook_k_input = HookPoint()
+        self.hook_v_input = HookPoint()
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(self, resid: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        resid = self.hook_resid_pre(resid)
+        if self.attn.use_split_qkv_input:
+            attn_out = self.attn(self._split_inputs(resid), ctx)
+        else:
+            attn_out = self.attn(self.ln1(resid), ctx)
+        resid = self.hook_resid_mid(resid + self.hook_attn_out(attn_out))
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid)))
+        return self.hook_resid_post(resid + mlp_out)
+
+    def _split_inputs(self, resid: torch.Tensor):
+        """Per-head copies of the residual (hook_q/k/v_input), normalised by ONE ln1 call.
+
+        In this mode ``ln1.hook_scale`` is [batch, pos, n_heads + 2 * n_kv_heads, 1]: the q, k and
+        v inputs concatenated along the head axis.
+        """
+        h, hk = self.attn.n_heads, self.attn.n_kv_heads
+        b, p, m = resid.shape
+        xq = self.hook_q_input(resid[:, :, None].expand(b, p, h, m).clone())
+        xk = self.hook_k_input(resid[:, :, None].expand(b, p, hk, m).clone())
+        xv = self.hook_v_input(resid[:, :, None].expand(b, p, hk, m).clone())
+        normed = self.ln1(torch.cat([xq, xk, xv], dim=2))
+        return normed[:, :, :h], normed[:, :, h:h + hk], normed[:, :, h + hk:]

@@ -1,0 +1,350 @@
+"""`HookedTransformer`: the engine both families share (tokenising, forward, loss, generation).
+
+A family module subclasses it and provides ``embed(tokens, ctx)``, ``unembed(resid)``, the
+``blocks`` (`components.Block`), ``ln_final``, ``W_E``/``W_U`` and a config with ``n_layers``,
+``n_heads``, ``d_model``, ``d_head``, ``d_vocab``, ``n_ctx``. Nothing here knows which family it runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from tqdm.auto import tqdm
+
+from ..hooks import HookedRootModule, HookPoint
+from ..tokenizer import Tokenizer
+from .components import ForwardContext, KVCache
+
+TextOrTokens = Union[str, Sequence[str], torch.Tensor, Sequence[int]]
+
+
+class HookedTransformer(HookedRootModule):
+    tokenizer: Optional[Tokenizer]
+
+    def __init__(self, cfg: Any, tokenizer: Optional[Tokenizer] = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.hook_embed = HookPoint()
+
+    # ---- family-specific --------------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def unembed(self, resid: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---- basics -----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.W_E.device  # type: ignore[attr-defined]
+
+    def _tok(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass token ids, or set model.tokenizer")
+        return self.tokenizer
+
+    # ---- tokenising -------------------------------------------------------------------------
+    def to_tokens_and_mask(
+        self,
+        input: Union[str, Sequence[str]],
+        prepend_bos: Optional[bool] = None,
+        padding_side: str = "right",
+    ) -> tuple[Int[torch.Tensor, "batch pos"], Optional[Int[torch.Tensor, "batch pos"]]]:
+        """Tokenise text (a string or a list); pad to a rectangle. The mask is None when nothing is padded."""
+        tok = self._tok()
+        if prepend_bos is None:
+            prepend_bos = tok.default_prepend_bos
+        texts = [input] if isinstance(input, str) else list(input)
+        if not texts:
+            raise ValueError("to_tokens got an empty list of strings")
+        seqs = []
+        for t in texts:
+            if not isinstance(t, str):
+                raise TypeError(f"to_tokens expects strings, got {type(t).__name__}")
+            ids = tok.encode(t)
+            if prepend_bos:
+                if tok.bos_token_id is None:
+                    raise ValueError("prepend_bos=True but the tokenizer has no BOS token")
+                ids = [tok.bos_token_id] + ids
+            seqs.append(ids)
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        n = max(len(s) for s in seqs)
+        tokens = torch.full((len(seqs), n), tok.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), n), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            sl = slice(0, len(s)) if padding_side == "right" else slice(n - len(s), n)
+            tokens[i, sl] = torch.tensor(s, dtype=torch.long)
+            mask[i, sl] = 1
+        dev = self.device
+        return tokens.to(dev), (None if bool(mask.all()) else mask.to(dev))
+
+    def to_tokens(
+        self, input: Union[str, Sequence[str]], prepend_bos: Optional[bool] = None, padding_side: str = "right"
+    ) -> Int[torch.Tensor, "batch pos"]:
+        """Token ids ``[batch, pos]``. ``prepend_bos`` defaults to the tokenizer's convention
+        (GPT-2: True, as TransformerLens; SmolLM2: False, as its Hugging Face tokenizer)."""
+        return self.to_tokens_and_mask(input, prepend_bos, padding_side)[0]
+
+    def to_str_tokens(self, input: TextOrTokens, prepend_bos: Optional[bool] = None):
+        """Each token as text: a list for one sequence, a list of lists for a batch."""
+        tok = self._tok()
+        if isinstance(input, str):
+            return [tok.id_to_token(i) for i in self.to_tokens(input, prepend_bos)[0].tolist()]
+        if isinstance(input, torch.Tensor):
+            if input.ndim == 2:
+                return [[tok.id_to_token(i) for i in row] for row in input.tolist()]
+            return [tok.id_to_token(i) for i in input.reshape(-1).tolist()]
+        if input and isinstance(input[0], str):  # type: ignore[index]
+            return [self.to_str_tokens(s, prepend_bos) for s in input]  # type: ignore[union-attr]
+        return [tok.id_to_token(int(i)) for i in input]  # type: ignore[union-attr]
+
+    def to_string(self, tokens: Union[torch.Tensor, Sequence[int]]) -> Union[str, list[str]]:
+        tok = self._tok()
+        if isinstance(tokens, torch.Tensor) and tokens.ndim == 2:
+            return [tok.decode(row) for row in tokens.tolist()]
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.tolist()
+        return tok.decode(list(tokens))
+
+    def to_single_token(self, token: Union[str, int]) -> int:
+        if isinstance(token, int):
+            return token
+        ids = self._tok().encode(token)
+        if len(ids) != 1:
+            raise ValueError(f"{token!r} is {len(ids)} tokens {ids}, expected exactly one")
+        return ids[0]
+
+    def get_token_position(
+        self, single_token: Union[str, int], input: TextOrTokens, mode: str = "first", prepend_bos: Optional[bool] = None
+    ) -> int:
+        """Index of ``single_token`` in ``input`` (a string or 1-D tokens); ``mode`` 'first' or 'last'."""
+        tid = self.to_single_token(single_token)
+        toks = self.to_tokens(input, prepend_bos)[0] if isinstance(input, str) else torch.as_tensor(input).reshape(-1)
+        hits = (toks == tid).nonzero().flatten().tolist()
+        if not hits:
+            raise ValueError(f"token {single_token!r} (id {tid}) does not occur in the input")
+        if mode not in ("first", "last"):
+            raise ValueError(f"mode must be 'first' or 'last', got {mode!r}")
+        return hits[0] if mode == "first" else hits[-1]
+
+    # ---- forward ----------------------------------------------------------------------------
+    def _prepare(self, input: TextOrTokens, attention_mask, prepend_bos, padding_side):
+        if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
+            tokens, mask = self.to_tokens_and_mask(input, prepend_bos, padding_side or "right")  # type: ignore[arg-type]
+            return tokens, mask if attention_mask is None else attention_mask
+        tokens = torch.as_tensor(input, device=self.device)
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2 or tokens.is_floating_point():
+            raise ValueError(f"tokens must be integer ids [batch, pos], got dtype {tokens.dtype} shape {tuple(tokens.shape)}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
+            raise ValueError(f"token ids must lie in [0, {self.cfg.d_vocab}), got range [{int(tokens.min())}, {int(tokens.max())}]")
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask, device=tokens.device)
+            if attention_mask.shape != tokens.shape:
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != tokens shape {tuple(tokens.shape)}")
+        return tokens, attention_mask
+
+    def make_context(self, batch: int, n_pos: int, attention_mask, kv_cache: Optional[KVCache], device) -> ForwardContext:
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + n_pos > self.cfg.n_ctx:
+            raise ValueError(f"sequence too long: {past + n_pos} positions, the model's context is {self.cfg.n_ctx}")
+        full_mask = None
+        if attention_mask is not None or (kv_cache is not None and kv_cache.attention_mask is not None):
+            cur = attention_mask if attention_mask is not None else torch.ones(batch, n_pos, dtype=torch.long, device=device)
+            prev = kv_cache.attention_mask if kv_cache is not None else None
+            if prev is None and past:
+                prev = torch.ones(batch, past, dtype=torch.long, device=device)
+            full_mask = cur if prev is None else torch.cat([prev, cur.to(prev.dtype)], dim=1)
+            if kv_cache is not None:
+                kv_cache.attention_mask = full_mask
+            positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+            full_mask = full_mask.bool()
+        else:
+            positions = torch.arange(past, past + n_pos, device=device)[None].expand(batch, n_pos)
+        return ForwardContext(positions=positions, key_mask=full_mask, kv_cache=kv_cache)
+
+    def forward(
+        self,
+        input: TextOrTokens,
+        return_type: Optional[str] = "logits",
+        attention_mask: Optional[torch.Tensor] = None,
+        stop_at_layer: Optional[int] = None,
+        past_kv_cache: Optional[KVCache] = None,
+        prepend_bos: Optional[bool] = None,
+        padding_side: Optional[str] = None,
+        loss_per_token: bool = False,
+    ):
+        """Run the model.
+
+        ``return_type``: "logits" [batch, pos, vocab], "loss" (mean next-token loss over real
+        tokens), "both", or None. ``stop_at_layer=l`` returns the residual stream entering block
+        ``l`` (blocks ``0..l-1`` run). Padded positions (``attention_mask == 0``) are never attended
+        to, so each sequence of a right-padded batch computes exactly what it computes alone.
+        """
+        if return_type not in ("logits", "loss", "both", None):
+            raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        tokens, mask = self._prepare(input, attention_mask, prepend_bos, padding_side)
+        ctx = self.make_context(tokens.shape[0], tokens.shape[1], mask, past_kv_cache, tokens.device)
+        resid = self.embed(tokens, ctx)
+        blocks = self.blocks  # type: ignore[attr-defined]
+        if stop_at_layer is not None:
+            blocks = blocks[:stop_at_layer]
+        for block in blocks:
+            resid = block(resid, ctx)
+        if stop_at_layer is not None:
+            return resid
+        if return_type is None:
+            return None
+        logits = self.unembed(self.ln_final(resid))  # type: ignore[attr-defined]
+        if return_type == "logits":
+            return logits
+        loss = self.loss_fn(logits, tokens, mask, per_token=loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
+
+    @staticmethod
+    def loss_fn(logits, tokens, attention_mask=None, per_token: bool = False):
+        """Next-token cross-entropy; padded targets are left out of the mean."""
+        logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        nll = -logp.gather(-1, tokens[:, 1:, None])[..., 0]
+        if per_token:
+            return nll
+        if attention_mask is None:
+            return nll.mean()
+        m = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(nll.dtype)
+        return (nll * m).sum() / m.sum()
+
+    # ---- weights ----------------------------------------------------------------------------
+    def tokens_to_residual_directions(self, tokens: Union[int, str, torch.Tensor]) -> torch.Tensor:
+        """Residual direction whose dot product with the final normalised residual is the token's
+        logit (minus the constant norm-bias term): final-norm weight times the unembedding column."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        cols = self.W_U[:, tokens].T if isinstance(tokens, torch.Tensor) else self.W_U[:, tokens]  # type: ignore[attr-defined]
+        w = self.ln_final.weight  # type: ignore[attr-defined]
+        return cols * w if w is not None else cols
+
+    def _stack_blocks(self, sub: str, attr: str) -> torch.Tensor:
+        return torch.stack([getattr(getattr(b, sub), attr) for b in self.blocks])  # type: ignore[attr-defined]
+
+    W_Q = property(lambda self: self._stack_blocks("attn", "W_Q"), doc="[n_layers, n_heads, d_model, d_head]")
+    W_K = property(lambda self: self._stack_blocks("attn", "W_K"), doc="[n_layers, n_kv_heads, d_model, d_head]")
+    W_V = property(lambda self: self._stack_blocks("attn", "W_V"), doc="[n_layers, n_kv_heads, d_model, d_head]")
+    W_O = property(lambda self: self._stack_blocks("attn", "W_O"), doc="[n_layers, n_heads, d_head, d_model]")
+    b_Q = property(lambda self: self._stack_blocks("attn", "b_Q"))
+    b_K = property(lambda self: self._stack_blocks("attn", "b_K"))
+    b_V = property(lambda self: self._stack_blocks("attn", "b_V"))
+    b_O = property(lambda self: self._stack_blocks("attn", "b_O"))
+    W_in = property(lambda self: self._stack_blocks("mlp", "W_in"), doc="[n_layers, d_model, d_mlp]")
+    W_out = property(lambda self: self._stack_blocks("mlp", "W_out"), doc="[n_layers, d_mlp, d_model]")
+    b_in = property(lambda self: self._stack_blocks("mlp", "b_in"))
+    b_out = property(lambda self: self._stack_blocks("mlp", "b_out"))
+
+    @property
+    def OV(self):
+        from .factored import FactoredMatrix
+
+        return FactoredMatrix(self._stack_blocks("attn", "W_V_per_query_head"), self.W_O)
+
+    @property
+    def QK(self):
+        from .factored import FactoredMatrix
+
+        return FactoredMatrix(self.W_Q, self._stack_blocks("attn", "W_K_per_query_head").transpose(-1, -2))
+
+    def set_use_attn_result(self, use: bool) -> None:
+        """Per-head outputs at ``attn.hook_result`` [batch, pos, head, d_model]: n_heads times the
+        memory of ``hook_attn_out`` and an einsum instead of one matmul."""
+        for b in self.blocks:  # type: ignore[attr-defined]
+            b.attn.use_attn_result = use
+
+    def set_use_split_qkv_input(self, use: bool) -> None:
+        """Per-head copies of the residual at ``hook_q_input``/``hook_k_input``/``hook_v_input``
+        [batch, pos, head, d_model]: (n_heads + 2 n_kv_heads) times the residual's memory."""
+        for b in self.blocks:  # type: ignore[attr-defined]
+            b.attn.use_split_qkv_input = use
+
+    # ---- generation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        input: TextOrTokens,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        stop_tokens: Optional[Sequence[int]] = None,
+        stop_at_eos: bool = True,
+        use_past_kv_cache: bool = True,
+        prepend_bos: Optional[bool] = None,
+        return_type: str = "auto",
+        fwd_hooks: Sequence = (),
+        seed: Optional[int] = None,
+        verbose: bool = False,
+    ):
+        """Continue text or tokens. Greedy unless ``do_sample``; stops at EOS / ``stop_tokens``.
+
+        Hooks registered on the model (or passed as ``fwd_hooks``) are active at every step; with
+        the KV cache each step's hooks see only the new position.
+        """
+        from_text = isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str))
+        if from_text:
+            tokens, mask = self.to_tokens_and_mask(input, prepend_bos, padding_side="left")  # type: ignore[arg-type]
+        else:
+            tokens, mask = self._prepare(input, None, prepend_bos, None)
+        if mask is None:
+            mask = torch.ones_like(tokens)
+        stops = set(stop_tokens or [])
+        if stop_at_eos and self.tokenizer is not None:
+            if self.tokenizer.eos_token_id is not None:
+                stops.add(self.tokenizer.eos_token_id)
+            stops.update(getattr(self.tokenizer, "eot_token_ids", []))
+        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        batch = tokens.shape[0]
+        finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
+        cache = KVCache.empty(self.cfg.n_layers) if use_past_kv_cache else None
+        out = tokens
+        step_in, step_mask = tokens, mask
+        with self.hooks(fwd_hooks):
+            for _ in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
+                if cache is not None:
+                    logits = self(step_in, attention_mask=step_mask, past_kv_cache=cache)
+                else:
+                    logits = self(out, attention_mask=mask)
+                nxt = self._sample(logits[:, -1].float(), do_sample, temperature, top_k, top_p, gen)
+                pad = self.tokenizer.pad_id if self.tokenizer is not None else 0
+                nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+                out = torch.cat([out, nxt[:, None]], dim=1)
+                new_mask = (~finished).long()[:, None]
+                mask = torch.cat([mask, new_mask], dim=1)
+                step_in, step_mask = nxt[:, None], new_mask
+                finished |= torch.tensor([int(t) in stops for t in nxt.tolist()], device=finished.device)
+                if bool(finished.all()):
+                    break
+        if return_type == "tokens" or (return_type == "auto" and not from_text):
+            return out
+        texts = [self.to_string(row[m.bool()]) for row, m in zip(out, mask)]
+        return texts[0] if isinstance(input, str) else texts
+
+    @staticmethod
+    def _sample(logits, do_sample, temperature, top_k, top_p, gen) -> torch.Tensor:
+        if not do_sample or temperature == 0:
+            return logits.argmax(-1)
+        logits = logits / temperature
+        if top_k is not None:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None:
+            sorted_logits, idx = logits.sort(dim=-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            drop = probs.cumsum(-1) - probs > top_p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+        probs = logits.softmax(-1).cpu()
+        return torch.multinomial(probs, 1, generator=gen)[:, 0].to(logits.device)
