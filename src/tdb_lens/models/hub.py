@@ -118,8 +118,9 @@ class TensorSource:
 class DictSource:
     """The same interface over an in-memory state dict (e.g. a ``transformers`` model's)."""
 
-    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+    def __init__(self, state: dict[str, torch.Tensor], copy: bool = True) -> None:
         self.state = state
+        self.copy = copy  # False: take ownership of the tensors (they were made for this model)
         self.shapes = {k: tuple(v.shape) for k, v in state.items()}
 
     def keys(self) -> list[str]:
@@ -127,7 +128,8 @@ class DictSource:
 
     def read(self, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         for k in keys:
-            yield k, self.state[k].detach().clone()
+            t = self.state[k].detach()
+            yield k, t.clone() if self.copy else t
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
