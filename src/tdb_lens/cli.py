@@ -1,0 +1,37 @@
+"""``tdb-lens``: the command line. Each subcommand lives with the code it runs."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "ioi": ("tdb_lens.ioi.cli", "reproduce the IOI circuit on a model (default: offline SmolLM2-135M)"),
+    "sae": ("tdb_lens.sae.cli", "train or evaluate a sparse autoencoder on a model's activations"),
+    "explain": ("tdb_lens.explain.cli", "harvest, explain, score and store explanations of units"),
+    "hooks": ("tdb_lens.cli_hooks", "list a model's hook points with their shapes"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: tdb-lens <command> [options]", "", "commands:"]
+    lines += [f"  {name:<9} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "tdb-lens <command> --help shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in SUBCOMMANDS:
+        print(f"tdb-lens: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[cmd][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
