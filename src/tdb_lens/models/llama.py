@@ -60,12 +60,18 @@ class LlamaConfig:
         if hf.get("mlp_bias"):
             raise ValueError("MLP biases (mlp_bias=True) are not supported")
         h = hf["num_attention_heads"]
+        # transformers >= 5 writes rope_theta and the scaling into one `rope_parameters` dict
+        rp = hf.get("rope_parameters") or {}
+        rope_theta = hf.get("rope_theta") or rp.get("rope_theta", 10000.0)
+        rope_scaling = hf.get("rope_scaling")
+        if rope_scaling is None and rp.get("rope_type", rp.get("type", "default")) != "default":
+            rope_scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
         return cls(
             n_layers=hf["num_hidden_layers"], n_heads=h, n_key_value_heads=hf.get("num_key_value_heads") or h,
             d_model=hf["hidden_size"], d_head=hf.get("head_dim") or hf["hidden_size"] // h,
             d_mlp=hf["intermediate_size"], d_vocab=hf["vocab_size"], n_ctx=hf.get("max_position_embeddings", 2048),
-            eps=hf.get("rms_norm_eps", 1e-5), rope_theta=hf.get("rope_theta", 10000.0),
-            rope_scaling=hf.get("rope_scaling"), tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            eps=hf.get("rms_norm_eps", 1e-5), rope_theta=rope_theta,
+            rope_scaling=rope_scaling, tie_word_embeddings=hf.get("tie_word_embeddings", False),
             attention_bias=hf.get("attention_bias", mt == "qwen2"), init_range=hf.get("initializer_range", 0.02),
             model_type=mt,
         )
