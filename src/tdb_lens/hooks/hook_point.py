@@ -89,7 +89,8 @@ class HookPoint(nn.Module):
 
     @property
     def has_hooks(self) -> bool:
-        return bool(self._fwd or self._bwd)
+        """True when running this point does anything (hooks, or a spliced module): fast paths skip it otherwise."""
+        return bool(self._fwd or self._bwd or self.__dict__["splice"] is not None)
 
     @property
     def n_hooks(self) -> int:

@@ -15,13 +15,14 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from ..hooks import HookedRootModule, HookPoint
+from ..sae.attach import SAEHostMixin
 from ..tokenizer import Tokenizer
 from .components import ForwardContext, KVCache
 
 TextOrTokens = Union[str, Sequence[str], torch.Tensor, Sequence[int]]
 
 
-class HookedTransformer(HookedRootModule):
+class HookedTransformer(SAEHostMixin, HookedRootModule):
     tokenizer: Optional[Tokenizer]
 
     def __init__(self, cfg: Any, tokenizer: Optional[Tokenizer] = None) -> None:

@@ -1,0 +1,265 @@
+"""`SAE`: a sparse autoencoder that is also a `HookedRootModule`, so its insides are hookable.
+
+Parameters follow SAELens: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``,
+``b_dec [d_in]`` (and ``threshold [d_sae]`` for JumpReLU). With ``apply_b_dec_to_input`` the decoder
+bias is subtracted before encoding (OpenAI's ``pre_bias``)::
+
+    latents = act((x - b_dec) @ W_enc + b_enc)        recons = latents @ W_dec + b_dec
+
+Hook points, named as SAELens names them; once attached to a model at ``H`` they are
+``H.hook_sae_input`` ... in ``model.hook_dict``:
+
+- ``hook_sae_input``     what the SAE receives                        ``[..., d_in]``
+- ``hook_sae_acts_pre``  pre-activations                              ``[..., d_sae]``
+- ``hook_sae_acts_post`` the latents                                  ``[..., d_sae]``
+- ``hook_sae_recons``    the reconstruction, in the input's units      ``[..., d_in]``
+- ``hook_sae_error``     input minus the clean reconstruction         ``[..., d_in]``
+- ``hook_sae_output``    what flows on                                ``[..., d_in]``
+
+With the error term, output = reconstruction + error, where the error is computed from the *clean*
+reconstruction (no edits), so an unedited run returns the input (up to float rounding) and an edit
+to the latents changes the output by exactly the change in reconstruction. The error is detached
+from the input, as in SAELens: gradients reach upstream only through the latents. When gradients
+are on, the error is a leaf that requires grad, so backward hooks on ``hook_sae_error`` see the
+gradient of the error node.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import nn
+
+from ..hooks import HookedRootModule, HookPoint
+from .config import SAEConfig
+
+_SAE_HOOKS = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons",
+              "hook_sae_error", "hook_sae_output")
+_LN_EPS = 1e-5
+
+# (shift, scale) undone after decoding: recons = decoded * scale + shift. None: nothing to undo.
+NormState = Optional[tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]
+
+
+def _through(hp: HookPoint, t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Run ``t`` through a hook point; return (result, whether a hook changed the values).
+
+    When forward hooks are registered they get a copy, so ``t`` stays the clean value even when
+    a hook edits its argument in place.
+    """
+    if not hp._fwd:
+        return hp(t), False
+    out = hp(t.clone())
+    return out, not torch.equal(out, t)
+
+
+class SAE(HookedRootModule):
+    """A sparse autoencoder. Build with ``SAE(SAEConfig(d_in=..., d_sae=..., architecture=...))``."""
+
+    def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        dtype = getattr(torch, cfg.dtype)
+        W_dec = torch.randn(cfg.d_sae, cfg.d_in, dtype=torch.float32)
+        W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec.to(dtype=dtype, device=device))
+        self.W_enc = nn.Parameter(W_dec.T.contiguous().to(dtype=dtype, device=device))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype, device=device))
+        if cfg.architecture == "jumprelu":
+            self.threshold = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
+        for name in _SAE_HOOKS:
+            setattr(self, name, HookPoint())
+        # Set by add_sae; when True the forward adds the reconstruction error back.
+        self.use_error_term = False
+        self.__dict__["_host"] = None  # (model, hook_name) while attached; not a submodule
+        self.setup()
+
+    # ---- basics -----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_enc.dtype
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    @property
+    def hook_name(self) -> Optional[str]:
+        """Where this SAE is attached (else where it was trained, if recorded)."""
+        host = self.__dict__["_host"]
+        return host[1] if host is not None else self.cfg.hook_name
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        k = f", k={c.k}" if c.architecture == "topk" else ""
+        return f"{c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}{k}, hook={self.hook_name!r}"
+
+    # ---- pieces -----------------------------------------------------------------------------
+    def _check_width(self, x: torch.Tensor) -> torch.Tensor:
+        """Flatten heads for hook_z SAEs; raise a clear error when the last dim is not d_in."""
+        d = self.cfg.d_in
+        if self.cfg.reshape_activations == "hook_z" and x.ndim >= 2 and x.shape[-1] != d:
+            if x.shape[-2] * x.shape[-1] == d:
+                return x.flatten(-2)
+        if x.shape[-1] != d:
+            where = f" at hook {self.hook_name!r}" if self.hook_name else ""
+            raise ValueError(
+                f"SAE expects activations whose last dimension is d_in={d}, got shape {tuple(x.shape)}{where}"
+            )
+        return x
+
+    def normalize(self, x: Float[torch.Tensor, "... d_in"]) -> tuple[Float[torch.Tensor, "... d_in"], NormState]:
+        """Apply the input normalisation; return the normalised input and what undoes it."""
+        mode = self.cfg.normalize_activations
+        if mode == "none":
+            return x, None
+        if mode == "center":
+            mu = x.mean(-1, keepdim=True)
+            return x - mu, (mu, None)
+        if mode == "layer_norm":
+            mu = x.mean(-1, keepdim=True)
+            xc = x - mu
+            std = xc.std(-1, keepdim=True)
+            return xc / (std + _LN_EPS), (mu, std)
+        # constant_norm_rescale: every vector scaled to norm sqrt(d_in)
+        coeff = math.sqrt(self.cfg.d_in) / x.norm(dim=-1, keepdim=True)
+        return x * coeff, (None, 1.0 / coeff)
+
+    @staticmethod
+    def denormalize(y: torch.Tensor, state: NormState) -> torch.Tensor:
+        if state is None:
+            return y
+        shift, scale = state
+        if scale is not None:
+            y = y * scale
+        return y if shift is None else y + shift
+
+    def pre_acts(self, x_norm: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_sae"]:
+        """Pre-activations of an already-normalised input."""
+        if self.cfg.apply_b_dec_to_input:
+            x_norm = x_norm - self.b_dec
+        pre = x_norm @ self.W_enc + self.b_enc
+        if self.cfg.rescale_acts_by_decoder_norm:
+            pre = pre * self.W_dec.norm(dim=-1)
+        return pre
+
+    def activation(self, pre: Float[torch.Tensor, "... d_sae"]) -> Float[torch.Tensor, "... d_sae"]:
+        arch = self.cfg.architecture
+        if arch == "standard":
+            return F.relu(pre)
+        if arch == "topk":
+            vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)  # type: ignore[arg-type]
+            return torch.zeros_like(pre).scatter(-1, idx, F.relu(vals))
+        return F.relu(pre) * (pre > self.threshold).to(pre.dtype)
+
+    def decode_normalized(self, latents: Float[torch.Tensor, "... d_sae"]) -> Float[torch.Tensor, "... d_in"]:
+        """``latents @ W_dec + b_dec``: the reconstruction in the normalised space."""
+        if self.cfg.rescale_acts_by_decoder_norm:
+            latents = latents / self.W_dec.norm(dim=-1)
+        return latents @ self.W_dec + self.b_dec
+
+    # ---- public -----------------------------------------------------------------------------
+    def encode(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_sae"]:
+        """Latents of ``x`` (no hooks run)."""
+        x = self._check_width(x).to(self.dtype)
+        return self.activation(self.pre_acts(self.normalize(x)[0]))
+
+    def decode(
+        self, latents: Float[torch.Tensor, "... d_sae"], norm_state: NormState = None
+    ) -> Float[torch.Tensor, "... d_in"]:
+        """Reconstruction from latents (no hooks run). For SAEs that normalise their input, pass the
+        ``norm_state`` from `normalize` to get the reconstruction in the input's units."""
+        if latents.shape[-1] != self.cfg.d_sae:
+            raise ValueError(f"latents must have last dimension d_sae={self.cfg.d_sae}, got {tuple(latents.shape)}")
+        return self.denormalize(self.decode_normalized(latents.to(self.dtype)), norm_state)
+
+    def encode_decode(
+        self, x: Float[torch.Tensor, "... d_in"]
+    ) -> tuple[Float[torch.Tensor, "... d_sae"], Float[torch.Tensor, "... d_in"]]:
+        """(latents, reconstruction in the input's units), no hooks run."""
+        x = self._check_width(x).to(self.dtype)
+        xn, state = self.normalize(x)
+        latents = self.activation(self.pre_acts(xn))
+        return latents, self.denormalize(self.decode_normalized(latents), state)
+
+    def reconstruct(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_in"]:
+        return self.encode_decode(x)[1]
+
+    def forward(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_in"]:
+        """The hooked pass: reconstruction (plus the error term when ``use_error_term``).
+
+        The SAE runs once. When hooks edit the latents, the clean reconstruction for the error
+        term is re-decoded from the clean latents; only an edit at ``hook_sae_input`` re-encodes.
+        """
+        shape, in_dtype = x.shape, x.dtype
+        x = self._check_width(x).to(self.dtype)
+        sae_in, in_edited = _through(self.hook_sae_input, x)
+        xn, state = self.normalize(sae_in)
+        pre = self.pre_acts(xn)
+        pre_h, pre_edited = _through(self.hook_sae_acts_pre, pre)
+        acts = self.activation(pre_h)
+        acts_h, acts_edited = _through(self.hook_sae_acts_post, acts)
+        recons = self.denormalize(self.decode_normalized(acts_h), state)
+        out = self.hook_sae_recons(recons)
+        if self.use_error_term:
+            with torch.no_grad():
+                if in_edited:
+                    clean = self.reconstruct(x)
+                elif pre_edited:
+                    clean = self.denormalize(self.decode_normalized(self.activation(pre)), state)
+                elif acts_edited:
+                    clean = self.denormalize(self.decode_normalized(acts), state)
+                else:
+                    clean = recons
+                error = x - clean
+            if torch.is_grad_enabled() and (x.requires_grad or self.W_enc.requires_grad):
+                error.requires_grad_(True)
+            out = out + self.hook_sae_error(error)
+        out = self.hook_sae_output(out)
+        return out.reshape(shape).to(in_dtype)
+
+    # ---- weight utilities -------------------------------------------------------------------
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        self.W_dec.data /= self.W_dec.data.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self) -> None:
+        """Project out the part of ``W_dec``'s gradient that would change its rows' norms."""
+        if self.W_dec.grad is None:
+            return
+        W = self.W_dec.data / self.W_dec.data.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+        self.W_dec.grad -= (self.W_dec.grad * W).sum(-1, keepdim=True) * W
+
+    @torch.no_grad()
+    def fold_input_scale(self, c: float) -> None:
+        """This SAE was trained on ``x * c``; make it compute the same thing on ``x`` directly.
+
+        Latents come out divided by ``c`` (so they are in the input's units) and decoder rows
+        keep their norms: ``b_enc``, ``b_dec`` and ``threshold`` are divided by ``c``. Exact for the
+        ReLU, TopK and JumpReLU activations (all positively homogeneous).
+        """
+        if self.cfg.normalize_activations not in ("none", "center"):
+            raise ValueError(f"cannot fold an input scale into an SAE with {self.cfg.normalize_activations!r} inputs")
+        self.b_enc.data /= c
+        self.b_dec.data /= c
+        if self.cfg.architecture == "jumprelu":
+            self.threshold.data /= c
+
+    def clone(self) -> "SAE":
+        other = SAE(SAEConfig.from_dict(self.cfg.to_dict()), device=self.device)
+        other.load_state_dict(self.state_dict())
+        return other.to(self.dtype)
