@@ -92,9 +92,7 @@ def _download(repo_id: str, filename: str, force_download: bool) -> str:
 
     try:
         return hf_hub_download(repo_id=repo_id, filename=filename, force_download=force_download)
-    except EntryNotFoundError:
-        raise SAEHubError(f"{repo_id} has no file {filename!r}") from None
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:  # (a subclass of EntryNotFoundError: first)
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is unreachable"
         raise SAEHubError(
@@ -102,6 +100,8 @@ def _download(repo_id: str, filename: str, force_download: bool) -> str:
             f"Download the folder on a machine with network access and load it with "
             f"tdb_lens.sae.load_sae(path) ({type(e).__name__})"
         ) from None
+    except EntryNotFoundError:
+        raise SAEHubError(f"{repo_id} has no file {filename!r}") from None
     except OSError as e:  # connection errors surface as OSError subclasses
         raise SAEHubError(f"cannot fetch {repo_id}/{filename} from the Hugging Face hub: {e}") from None
 

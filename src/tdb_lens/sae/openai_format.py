@@ -39,8 +39,12 @@ def read_state_dict(path: Union[str, os.PathLike], map_location: str = "cpu") ->
     try:
         sd = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        if not zipfile.is_zipfile(p):
+            raise SAEFormatError(f"{p}: not a readable torch state dict (not a torch.save zip archive)") from None
+        detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), "")
         raise SAEFormatError(
-            f"{p}: refused: the file needs to unpickle more than tensors, strings and numbers ({str(e).splitlines()[0]})"
+            f"{p}: refused: the file needs to unpickle more than tensors, strings and numbers"
+            + (f" ({detail})" if detail else "")
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise SAEFormatError(f"{p}: not a readable torch state dict ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None

@@ -79,7 +79,8 @@ def config_from_saelens(d: dict[str, Any], where: str = "cfg.json") -> SAEConfig
     hook = meta.get("hook_name") or d.get("hook_name") or d.get("hook_point")
     model_name = meta.get("model_name") or d.get("model_name")
     dtype = str(d.get("dtype", "float32")).replace("torch.", "")
-    extra = {k_: v for k_, v in meta.items() if k_ not in ("hook_name", "model_name")}
+    format_keys = ("hook_name", "model_name", "sae_lens_version", "sae_lens_training_version", "written_by")
+    extra = {k_: v for k_, v in meta.items() if k_ not in format_keys}
     try:
         return SAEConfig(
             d_in=d_in, d_sae=d_sae, architecture=arch, k=int(k) if k is not None else None,
