@@ -1,0 +1,41 @@
+"""Indirect object identification (Wang et al. 2022): prompts, batches and metrics."""
+
+from .data import (
+    ABBA_TEMPLATES,
+    BABA_TEMPLATES,
+    N_TEMPLATES,
+    NAMES,
+    OBJECTS,
+    ORDERS,
+    PLACES,
+    TEMPLATES,
+    IOIBatch,
+    IOIDataset,
+    IOIPrompt,
+    accuracy,
+    io_probability,
+    logit_diff,
+    per_template_groups,
+    single_token_words,
+    tokenize_prompts,
+)
+
+__all__ = [
+    "ABBA_TEMPLATES",
+    "BABA_TEMPLATES",
+    "N_TEMPLATES",
+    "NAMES",
+    "OBJECTS",
+    "ORDERS",
+    "PLACES",
+    "TEMPLATES",
+    "IOIBatch",
+    "IOIDataset",
+    "IOIPrompt",
+    "accuracy",
+    "io_probability",
+    "logit_diff",
+    "per_template_groups",
+    "single_token_words",
+    "tokenize_prompts",
+]
