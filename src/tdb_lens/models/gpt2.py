@@ -182,8 +182,14 @@ class HookedGPT2(HookedTransformer):
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod
-    def from_config(cls, cfg: Optional[GPT2Config] = None, seed: Optional[int] = None, tokenizer: Optional[Tokenizer] = None, **kw) -> "HookedGPT2":
-        """Random weights, initialised as Hugging Face initialises GPT-2 (normal(0, 0.02))."""
+    def from_config(
+        cls, cfg: Optional[GPT2Config] = None, seed: Optional[int] = None, tokenizer: Optional[Tokenizer] = None,
+        fold_ln: bool = False, center_writing_weights: bool = False, center_unembed: bool = False,
+        fold_value_biases: bool = False, **kw,
+    ) -> "HookedGPT2":
+        """Random weights, initialised as Hugging Face initialises GPT-2 (normal(0, 0.02)).
+
+        The processing flags are `processing.process_weights_`'s (all off by default)."""
         cfg = cfg or GPT2Config(**kw)
         if seed is not None:
             torch.manual_seed(seed)
@@ -193,7 +199,7 @@ class HookedGPT2(HookedTransformer):
                 nn.init.normal_(p, 0.0, cfg.init_range)
                 if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual writes
                     nn.init.normal_(p, 0.0, cfg.init_range / (2 * cfg.n_layers) ** 0.5)
-        return model
+        return model._process(fold_ln, center_writing_weights, center_unembed, fold_value_biases)
 
     @staticmethod
     def _rename(key: str) -> Optional[str]:
@@ -213,20 +219,38 @@ class HookedGPT2(HookedTransformer):
     @classmethod
     def from_pretrained(
         cls, name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-        tokenizer: Optional[Tokenizer] = None,
+        tokenizer: Optional[Tokenizer] = None, fold_ln: bool = False, center_writing_weights: bool = False,
+        center_unembed: bool = False, fold_value_biases: bool = False,
     ) -> "HookedGPT2":
         """GPT-2 from the hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2), a local Hugging
-        Face directory (config.json + model.safetensors or a sharded index), without processing."""
+        Face directory (config.json + model.safetensors or a sharded index).
+
+        No weight processing unless asked: the flags are TransformerLens' (see `processing`), all off
+        by default, so logits equal ``transformers``'."""
         directory = resolve_checkpoint(GPT2_NAMES.get(str(name_or_path), name_or_path))
         cfg = GPT2Config.from_hf(read_config(directory))
         source = TensorSource(safetensors_files(directory))
-        return cls._load(cfg, source, dtype, device, tokenizer, what=str(directory))
+        model = cls._load(cfg, source, dtype, device, tokenizer, what=str(directory))
+        return model._process(fold_ln, center_writing_weights, center_unembed, fold_value_biases)
 
     @classmethod
-    def from_hf_model(cls, hf_model, tokenizer: Optional[Tokenizer] = None) -> "HookedGPT2":
-        """From an in-memory ``transformers`` ``GPT2LMHeadModel`` (weights copied)."""
+    def from_hf_model(
+        cls, hf_model, tokenizer: Optional[Tokenizer] = None, fold_ln: bool = False,
+        center_writing_weights: bool = False, center_unembed: bool = False, fold_value_biases: bool = False,
+    ) -> "HookedGPT2":
+        """From an in-memory ``transformers`` ``GPT2LMHeadModel`` (weights copied; processing flags as
+        `from_pretrained`)."""
         cfg = GPT2Config.from_hf(hf_model.config.to_dict())
-        return cls._load(cfg, DictSource(hf_model.state_dict()), torch.float32, "cpu", tokenizer, what="transformers model")
+        model = cls._load(cfg, DictSource(hf_model.state_dict()), torch.float32, "cpu", tokenizer, what="transformers model")
+        return model._process(fold_ln, center_writing_weights, center_unembed, fold_value_biases)
+
+    def _process(self, fold_ln: bool, center_writing_weights: bool, center_unembed: bool, fold_value_biases: bool) -> "HookedGPT2":
+        if not (fold_ln or center_writing_weights or center_unembed or fold_value_biases):
+            return self
+        from .processing import process_weights_
+
+        return process_weights_(self, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                                center_unembed=center_unembed, fold_value_biases=fold_value_biases)
 
     @classmethod
     def _load(cls, cfg, source, dtype, device, tokenizer, what: str) -> "HookedGPT2":
