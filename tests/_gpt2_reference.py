@@ -38,12 +38,13 @@ def hf_tokenizer():
     return GPT2TokenizerFast.from_pretrained(hf_tokenizer_dir())
 
 
-def make_hf_gpt2(seed: int = 0, perturb: bool = True, **cfg_kw):
+def make_hf_gpt2(seed: int = 0, perturb: bool = True, block_std: float = 0.02, **cfg_kw):
     """A ``GPT2LMHeadModel`` with random weights (eval mode, fp32), filled quickly from one seed.
 
     Matrices are normal(0, 0.02) as GPT-2's init; ``perturb`` also randomises the LayerNorm weights
     and biases and every bias (GPT-2 starts them at 1 / 0), so folding and bias handling are really
-    exercised. Built on ``meta`` first: ``transformers``' own init of GPT-2-small takes ~15 s here.
+    exercised. ``block_std`` > 0.02 makes the blocks matter more than the tied embedding (greedy
+    generation on GPT-2-init weights mostly repeats the last token). Built on ``meta`` first: ``transformers``' own init of GPT-2-small takes ~15 s here.
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -68,7 +69,7 @@ def make_hf_gpt2(seed: int = 0, perturb: bool = True, **cfg_kw):
             elif name.endswith("bias"):
                 p.copy_(0.05 * torch.randn(p.shape, generator=g) if perturb else torch.zeros(p.shape))
             else:
-                p.normal_(0.0, 0.02, generator=g)
+                p.normal_(0.0, 0.02 if name.startswith(("transformer.wte", "transformer.wpe")) else block_std, generator=g)
     return hf.eval()
 
 

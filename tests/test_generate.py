@@ -1,0 +1,121 @@
+"""Greedy generation: with and without the KV cache, against ``transformers``' ``generate``; stop
+tokens; hooks active at every step."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _gpt2_reference import make_hf_gpt2  # noqa: E402
+
+from tdb_lens import HookedGPT2  # noqa: E402
+
+PROMPT = torch.randint(0, 1000, (1, 6), generator=torch.Generator().manual_seed(9))
+N_NEW = 15
+
+
+@lru_cache(maxsize=1)
+def models():
+    # GPT-2's vocabulary (so the tokenizer's pad id 50256 is a valid token); block_std=0.2 for
+    # varied greedy continuations
+    hf = make_hf_gpt2(seed=41, vocab_size=50257, block_std=0.2)
+    hf.generation_config.eos_token_id = None  # generate exactly N_NEW tokens
+    hf.generation_config.pad_token_id = 50256
+    return hf, HookedGPT2.from_hf_model(hf)
+
+
+def _hf_generate(hf, tokens, mask=None, n=N_NEW):
+    mask = torch.ones_like(tokens) if mask is None else mask
+    with torch.no_grad():
+        return hf.generate(tokens, attention_mask=mask, max_new_tokens=n, do_sample=False)
+
+
+def test_greedy_with_cache_equals_without_and_equals_transformers():
+    hf, model = models()
+    cached = model.generate(PROMPT, max_new_tokens=N_NEW, use_past_kv_cache=True, stop_at_eos=False)
+    uncached = model.generate(PROMPT, max_new_tokens=N_NEW, use_past_kv_cache=False, stop_at_eos=False)
+    ref = _hf_generate(hf, PROMPT)
+    assert cached.shape == (1, 6 + N_NEW)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, ref)
+    assert len(set(cached[0, 6:].tolist())) > 3  # a real continuation, not one repeated token
+    assert torch.equal(cached[:, :6], PROMPT)
+
+
+def test_batched_left_padded_text_generation_equals_transformers():
+    hf = make_hf_gpt2(seed=42, vocab_size=50257, block_std=0.2)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 50256
+    model = HookedGPT2.from_hf_model(hf)
+    texts = ["The capital of France is", "Hi", "One two three four five six"]
+    out = model.generate(texts, max_new_tokens=8, stop_at_eos=False, return_type="tokens")
+    tokens, mask = model.to_tokens_and_mask(texts, padding_side="left")
+    ref = _hf_generate(hf, tokens, mask, n=8)
+    assert torch.equal(out, ref)
+    assert len(set(out[:, -8:].flatten().tolist())) > 3
+    # each prompt generated alone continues the same way
+    for i, t in enumerate(texts):
+        alone = model.generate(t, max_new_tokens=8, stop_at_eos=False, return_type="tokens")
+        assert torch.equal(alone[0, -8:], out[i, -8:])
+    texts_out = model.generate(texts, max_new_tokens=8, stop_at_eos=False)
+    # the text continues each prompt (whether or not the BOS text is kept in front of it)
+    assert [s.removeprefix("<|endoftext|>").startswith(t) for s, t in zip(texts_out, texts)] == [True] * 3
+
+
+def test_stop_tokens_stop_generation():
+    _, model = models()
+    full = model.generate(PROMPT, max_new_tokens=N_NEW, stop_at_eos=False)
+    new = full[0, 6:].tolist()
+    assert len(set(new)) > 3, "the reference continuation should not be one repeated token"
+    # in a batch, a finished row is padded while the others go on: pick a stop token that only
+    # the first row produces
+    other_prompt = PROMPT.flip(1)
+    other = model.generate(other_prompt, max_new_tokens=N_NEW, stop_at_eos=False)[0, 6:].tolist()
+    candidates = [t for t in new[2:] if t not in other]
+    assert candidates
+    stop = candidates[0]
+    first = new.index(stop)
+    out = model.generate(PROMPT, max_new_tokens=N_NEW, stop_tokens=[stop], stop_at_eos=False)
+    assert out[0, 6:].tolist() == new[: first + 1]  # stops right after emitting the stop token
+    out = model.generate(torch.cat([PROMPT, other_prompt]), max_new_tokens=N_NEW, stop_tokens=[stop], stop_at_eos=False)
+    assert out.shape[1] == 6 + N_NEW and out[1, 6:].tolist() == other
+    assert out[0, 6: 6 + first + 1].tolist() == new[: first + 1]
+    assert set(out[0, 6 + first + 1:].tolist()) <= {model.tokenizer.pad_id}
+    # and once every row has stopped, generation ends
+    assert model.generate(PROMPT, max_new_tokens=N_NEW, stop_tokens=[new[0]], stop_at_eos=False).shape[1] == 7
+
+
+def test_hooks_are_active_during_generation():
+    hf, model = models()
+    base = model.generate(PROMPT, max_new_tokens=N_NEW, stop_at_eos=False)
+
+    def zero(act, hook):
+        return torch.zeros_like(act)
+
+    # hooks passed to generate, with and without the KV cache
+    hooked = model.generate(PROMPT, max_new_tokens=N_NEW, stop_at_eos=False, fwd_hooks=[("blocks.1.hook_mlp_out", zero)])
+    hooked_nc = model.generate(PROMPT, max_new_tokens=N_NEW, stop_at_eos=False, use_past_kv_cache=False,
+                               fwd_hooks=[("blocks.1.hook_mlp_out", zero)])
+    assert not torch.equal(hooked, base)
+    assert torch.equal(hooked, hooked_nc)
+    # same as deleting that MLP's output from the weights of the reference model
+    edited = copy.deepcopy(hf)
+    with torch.no_grad():
+        edited.transformer.h[1].mlp.c_proj.weight.zero_()
+        edited.transformer.h[1].mlp.c_proj.bias.zero_()
+    assert torch.equal(hooked, _hf_generate(edited, PROMPT))
+    # hooks already on the model (a `with model.hooks(...)` block) are active too
+    with model.hooks(fwd_hooks=[("blocks.1.hook_mlp_out", zero)]):
+        assert torch.equal(model.generate(PROMPT, max_new_tokens=N_NEW, stop_at_eos=False), hooked)
+    assert model.n_hooks() == 0
+    # with the cache, each step's hooks see only the new position
+    shapes = []
+    model.generate(PROMPT, max_new_tokens=4, stop_at_eos=False,
+                   fwd_hooks=[("hook_embed", lambda a, hook: shapes.append(tuple(a.shape)))])
+    assert shapes == [(1, 6, 64)] + [(1, 1, 64)] * 3
+    assert model.n_hooks() == 0
