@@ -1,0 +1,144 @@
+"""`ActivationStore`: a model's activations at one hook, streamed in shuffled batches.
+
+The model runs on ``model_batch_size`` token rows at a time, only up to the hook's layer
+(``run_with_cache(..., stop_at_layer=layer + 1)``); activations go into a buffer of
+``buffer_size`` vectors that is reshuffled whenever half of it has been handed out and refilled, so
+memory stays at ``buffer_size x d_in`` and consecutive batches mix many sequences.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterator, Optional
+
+import torch
+from jaxtyping import Float, Int
+from tqdm.auto import tqdm
+
+
+def stop_layer_for(hook_name: str) -> Optional[int]:
+    """The ``stop_at_layer`` that still computes ``hook_name`` (None: the whole model is needed)."""
+    m = re.match(r"blocks\.(\d+)\.", hook_name)
+    if m:
+        return int(m.group(1)) + 1
+    if hook_name in ("hook_embed", "hook_pos_embed"):
+        return 0
+    return None
+
+
+class ActivationStore:
+    """Iterate over ``[batch_size, d_in]`` activation batches from ``tokens [n_seq, ctx]``.
+
+    ``skip_positions`` leading positions of each row are left out (position 0 of a language model's
+    residual stream is often an outlier with a huge norm). With ``loop`` the token rows are reused
+    (reshuffled) once exhausted; otherwise iteration stops.
+    """
+
+    def __init__(
+        self,
+        model,
+        hook_name: str,
+        tokens: Int[torch.Tensor, "n_seq ctx"],
+        batch_size: int = 4096,
+        buffer_size: int = 65536,
+        model_batch_size: int = 8,
+        skip_positions: int = 1,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        loop: bool = True,
+        progress: bool = False,
+    ) -> None:
+        if hook_name not in model.hook_dict:
+            from ..hooks.names import unknown_name_error
+
+            raise unknown_name_error(hook_name, model.hook_dict)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [n_seq, ctx], got shape {tuple(tokens.shape)}")
+        if skip_positions >= tokens.shape[1]:
+            raise ValueError(f"skip_positions={skip_positions} leaves nothing of rows of {tokens.shape[1]} tokens")
+        self.model, self.hook_name, self.tokens = model, hook_name, tokens
+        self.batch_size, self.buffer_size = batch_size, max(buffer_size, 2 * batch_size)
+        self.model_batch_size, self.skip_positions = model_batch_size, skip_positions
+        self.device = torch.device(device) if device is not None else model.device
+        self.dtype, self.seed, self.loop = dtype, seed, loop
+        self.stop_at_layer = stop_layer_for(hook_name)
+        self.sequences_read = 0  # over all epochs; determines where the stream is
+        self._buf: Optional[torch.Tensor] = None
+        self._pos = 0
+        self._gen = torch.Generator().manual_seed(seed)
+        self._progress = progress
+        self.activations_per_row = tokens.shape[1] - skip_positions
+
+    # ---- where we are -----------------------------------------------------------------------
+    def _order(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(len(self.tokens), generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+
+    def _next_rows(self) -> Optional[torch.Tensor]:
+        n = len(self.tokens)
+        epoch, offset = divmod(self.sequences_read, n)
+        if epoch > 0 and not self.loop:
+            return None
+        order = self._order(epoch)
+        idx = order[offset: offset + self.model_batch_size]
+        self.sequences_read += len(idx)
+        return self.tokens[idx]
+
+    # ---- model ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def activations_for(self, rows: Int[torch.Tensor, "batch ctx"]) -> Float[torch.Tensor, "n d_in"]:
+        """This store's hook activations for token rows, flattened, leading positions skipped."""
+        rows = rows.to(self.model.device)
+        _, cache = self.model.run_with_cache(rows, names_filter=self.hook_name, stop_at_layer=self.stop_at_layer,
+                                             return_type=None if self.stop_at_layer is None else "logits")
+        acts = cache[self.hook_name][:, self.skip_positions:]
+        return acts.reshape(-1, acts.shape[-1]).to(device=self.device, dtype=self.dtype)
+
+    def _refill(self) -> None:
+        keep = self._buf[self._pos:] if self._buf is not None else None
+        have = 0 if keep is None else len(keep)
+        parts = [] if keep is None else [keep]
+        bar = tqdm(total=self.buffer_size - have, desc="activations", leave=False, disable=not self._progress)
+        while have < self.buffer_size:
+            rows = self._next_rows()
+            if rows is None:
+                break
+            a = self.activations_for(rows)
+            parts.append(a)
+            have += len(a)
+            bar.update(len(a))
+        bar.close()
+        if not parts:
+            self._buf, self._pos = None, 0
+            return
+        buf = torch.cat(parts)
+        self._buf = buf[torch.randperm(len(buf), generator=self._gen).to(buf.device)]
+        self._pos = 0
+
+    def next_batch(self) -> Float[torch.Tensor, "batch_size d_in"]:
+        remaining = 0 if self._buf is None else len(self._buf) - self._pos
+        if remaining < max(self.batch_size, self.buffer_size // 2):
+            self._refill()
+            remaining = 0 if self._buf is None else len(self._buf)
+        if remaining < self.batch_size:
+            raise StopIteration
+        out = self._buf[self._pos: self._pos + self.batch_size]  # type: ignore[index]
+        self._pos += self.batch_size
+        return out
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        return self.next_batch()
+
+    # ---- resuming ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Where the token stream is. The buffer's contents are not saved: a resumed store starts
+        from a fresh buffer at this point of the stream."""
+        return {"sequences_read": self.sequences_read, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sequences_read = int(state["sequences_read"])
+        self._buf, self._pos = None, 0
+        self._gen = torch.Generator().manual_seed(self.seed + self.sequences_read)
