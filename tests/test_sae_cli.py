@@ -1,0 +1,79 @@
+"""``tdb-lens sae train`` / ``eval`` end to end on a tiny GPT-2 saved as a Hugging Face folder and a
+small text corpus."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tdb_lens.models.gpt2 import GPT2Config, HookedGPT2
+from tdb_lens.sae.cli import main
+
+WORDS = ("the cat sat on a mat while dogs ran past quickly and birds sang songs about rain sun wind "
+         "trees rivers mountains people walked talked laughed").split()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gpt2tiny")
+    cfg = GPT2Config(n_layers=2, n_heads=2, d_model=16, d_mlp=32, n_ctx=64)
+    m = HookedGPT2.from_config(cfg, seed=0)
+
+    def hf_name(k: str) -> str:
+        k = k.replace(".ln1.", ".ln_1.").replace(".ln2.", ".ln_2.")
+        k = "h." + k[len("blocks."):] if k.startswith("blocks.") else k
+        return "ln_f." + k[len("ln_final."):] if k.startswith("ln_final.") else k
+
+    save_file({hf_name(k): v.contiguous() for k, v in m.state_dict().items()}, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(cfg.to_hf()))
+    return d
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    paras = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (40,), generator=g).tolist()) for _ in range(60)]
+    p = tmp_path_factory.mktemp("corpus") / "text.txt"
+    p.write_text("\n\n".join(paras))
+    return p
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_train_then_eval(model_dir, corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--model", str(model_dir), "--hook", "blocks.0.hook_resid_post", "--corpus", str(corpus),
+            "--context-size", "32", "--k", "4", "--d-sae", "64", "--tokens", "4096", "--batch-size", "256",
+            "--eval-tokens", "256", "--checkpoint-every", "5", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    for f in ("cfg.json", "sae_weights.safetensors", "metrics.json", "latent_density.png", "training_log.json"):
+        assert (out / f).is_file(), f
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("l0", "fvu", "variance_explained", "ce_loss_recovered", "kl_div", "dead_fraction"):
+        assert key in metrics
+    assert metrics["l0"] <= 4
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name"] == "blocks.0.hook_resid_post" and cfg["k"] == 4
+    capsys.readouterr()
+    assert main(["eval", "--model", str(model_dir), "--sae", str(out), "--corpus", str(corpus), "--context-size", "32",
+                 "--tokens", "256", "--quiet"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert abs(printed["fvu"] - metrics["fvu"]) < 1e-6  # the same held-out rows
+    # running train again resumes from the last checkpoint instead of starting over
+    assert main(args + ["--no-eval"]) == 0
+    assert "trained 16 steps" in capsys.readouterr().out
+
+
+def test_unknown_hook(model_dir, corpus, tmp_path):
+    with pytest.raises(SystemExit, match="blocks.0.hook_resid_post"):
+        main(["train", "--model", str(model_dir), "--hook", "blocks.0.hook_resid_pots", "--corpus", str(corpus),
+              "--tokens", "100", "--out", str(tmp_path)])
