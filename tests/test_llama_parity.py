@@ -150,6 +150,22 @@ def test_save_pretrained_checkpoint_loads(kind, tmp_path):
     torch.testing.assert_close(la, HookedLlama.from_hf_model(hf)(tokens), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("hooked", [False, True])
+def test_gradients_match_transformers(hooked):
+    """Backward through the fused path and through the step-by-step (hooked) attention path."""
+    hf = make_hf("llama_gqa_untied", seed=11)
+    model = HookedLlama.from_hf_model(hf)
+    tokens = _tokens(2, 19, seed=12)
+    hf(tokens, labels=tokens).loss.backward()
+    fwd_hooks = [(f"blocks.{l}.attn.hook_pattern", lambda x, hook: None) for l in range(model.cfg.n_layers)] if hooked else []
+    with model.hooks(fwd_hooks):
+        model(tokens, return_type="loss").backward()
+    ours = dict(model.named_parameters())
+    for name, p in hf.named_parameters():
+        mine = ours[HookedLlama._rename(name)]
+        torch.testing.assert_close(mine.grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
 # ---- transformer_lens ------------------------------------------------------------------------
 def _tl_model(hf, ungroup: bool):
     tl = pytest.importorskip("transformer_lens")

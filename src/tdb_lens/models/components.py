@@ -230,11 +230,12 @@ class Attention(nn.Module):
             if gqa:
                 rep = self.n_heads // self.n_kv_heads
                 kh, vh = kh.repeat_interleave(rep, dim=1), vh.repeat_interleave(rep, dim=1)
-            scores = (qh @ kh.transpose(-1, -2)) * self.scale
-            scores = scores.masked_fill(~ctx.allowed(p, k_len, q.device, explicit=True), float("-inf"))
+            # the scores are a fresh tensor here (before their hook): scale and mask it in place
+            scores = (qh @ kh.transpose(-1, -2)).mul_(self.scale)
+            scores.masked_fill_(~ctx.allowed(p, k_len, q.device, explicit=True), float("-inf"))
             scores = self.hook_attn_scores(scores)
-            pattern = torch.softmax(scores, dim=-1)
-            pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+            # a row with no allowed key -> zeros; not in place: softmax keeps its output for backward
+            pattern = torch.softmax(scores, dim=-1).nan_to_num(nan=0.0)
             pattern = self.hook_pattern(pattern)
             z = pattern @ vh
         z = self.hook_z(z.transpose(1, 2))  # [b, p, h, d_head]
