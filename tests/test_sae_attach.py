@@ -47,10 +47,14 @@ def make_sae(arch="topk", d_in=32, d_sae=96, seed=0, **kw) -> SAE:
 @pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu"])
 def test_error_term_leaves_logits_unchanged(model, tokens, arch):
     ref = model(tokens)
+    ref_cached, _ = model.run_with_cache(tokens)  # hooks everywhere switch some kernels: compare like with like
     add_sae(model, make_sae(arch), HOOK)
+    assert torch.equal(model(tokens), ref)  # bit for bit: the output is evaluated as x + (recons - clean recons)
     out, cache = model.run_with_cache(tokens)
-    assert (out - ref).abs().max() < 1e-6
+    assert torch.equal(out, ref_cached)
     assert cache[LATENTS].shape == (3, 12, 96)
+    torch.testing.assert_close(cache[HOOK + ".hook_sae_recons"] + cache[HOOK + ".hook_sae_error"],
+                               cache[HOOK + ".hook_sae_input"], atol=1e-6, rtol=0)
     assert (cache[LATENTS] != 0).any()
 
 

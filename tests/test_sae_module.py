@@ -101,7 +101,7 @@ def test_standalone_run_with_cache_has_saelens_hook_names():
     assert sorted(cache.keys()) == sorted(SAE_HOOKS)
     assert cache["hook_sae_acts_post"].shape == (4, 40)
     torch.testing.assert_close(cache["hook_sae_recons"] + cache["hook_sae_error"], cache["hook_sae_output"])
-    assert (out - x).abs().max() < 1e-6
+    assert torch.equal(out, x)
 
 
 def test_error_term_uses_clean_reconstruction_when_latents_are_edited():

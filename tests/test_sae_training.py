@@ -224,3 +224,38 @@ def test_training_on_a_model_via_the_store(model, tmp_path):
         assert cache["blocks.1.hook_resid_post.hook_sae_acts_post"].shape == (2, 9, 32)
     finally:
         model.reset_saes()
+
+
+def test_sparse_topk_training_path_matches_dense_formula():
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=16, d_sae=64, architecture="topk", k=5))
+    data = PlantedFeatures(d_in=16, n_features=32, batch_size=128)
+    tr = SAETrainer(sae, TrainConfig(total_activations=1280, batch_size=128, aux_coefficient=0.0,
+                                     normalize_scale=False), data, progress=False)
+    x = data.batch(0)
+    loss, stats, fired = tr._loss(x)
+    loss.backward()
+    grads = {n: getattr(sae, n).grad.clone() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    sae.zero_grad()
+    acts = sae.activation(sae.pre_acts(x))
+    dense = (x - sae.decode_normalized(acts)).pow(2).sum(-1).mean()
+    dense.backward()
+    assert abs(float(loss) - float(dense)) < 1e-5
+    for n, g in grads.items():
+        torch.testing.assert_close(g, getattr(sae, n).grad, atol=1e-5, rtol=1e-4)
+    assert torch.equal(fired, (acts > 0).any(0))
+    assert abs(stats["l0"] - float((acts > 0).float().sum(-1).mean())) < 1e-6
+
+
+def test_cached_activations_epochs_and_resume():
+    from tdb_lens.sae.activation_store import CachedActivations
+
+    acts = torch.arange(40.0).reshape(20, 2)
+    c = CachedActivations(acts, batch_size=5, seed=1)
+    epoch = torch.cat([next(c) for _ in range(4)])
+    assert sorted(epoch[:, 0].tolist()) == acts[:, 0].tolist()  # each activation once per epoch
+    nxt = [next(c) for _ in range(3)]
+    d = CachedActivations(acts, batch_size=5, seed=1)
+    d.load_state_dict({"batches_read": 4})
+    for a in nxt:
+        assert torch.equal(next(d), a)

@@ -142,3 +142,65 @@ class ActivationStore:
         self.sequences_read = int(state["sequences_read"])
         self._buf, self._pos = None, 0
         self._gen = torch.Generator().manual_seed(self.seed + self.sequences_read)
+
+
+class CachedActivations:
+    """Activations held in memory (harvested once), served in shuffled ``[batch_size, d_in]`` batches,
+    epoch after epoch. For training many steps on activations that are slow to compute."""
+
+    def __init__(self, activations: Float[torch.Tensor, "n d_in"], batch_size: int = 4096, seed: int = 0) -> None:
+        if activations.ndim != 2 or len(activations) < batch_size:
+            raise ValueError(f"need [n >= batch_size={batch_size}, d_in] activations, got {tuple(activations.shape)}")
+        self.activations, self.batch_size, self.seed = activations, batch_size, seed
+        self.batches_read = 0
+        self._epoch, self._order = -1, None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.activations) // self.batch_size
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        epoch, i = divmod(self.batches_read, self.batches_per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._order, self._epoch = torch.randperm(len(self.activations), generator=g), epoch
+        idx = self._order[i * self.batch_size: (i + 1) * self.batch_size]  # type: ignore[index]
+        self.batches_read += 1
+        return self.activations[idx.to(self.activations.device)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_read": self.batches_read}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches_read = int(state["batches_read"])
+
+    @classmethod
+    def harvest(cls, store: ActivationStore, n: int, batch_size: int, progress: bool = True) -> "CachedActivations":
+        """Run ``store``'s model on its token rows (in order, no shuffling) until ``n`` activations are held."""
+        parts, have = [], 0
+        per_call = store.model_batch_size
+        bar = tqdm(total=n, desc="harvesting activations", unit="act", disable=not progress)
+        for start in range(0, len(store.tokens), per_call):
+            a = store.activations_for(store.tokens[start: start + per_call])
+            parts.append(a)
+            have += len(a)
+            bar.update(len(a))
+            if have >= n:
+                break
+        bar.close()
+        acts = torch.cat(parts)[:n]
+        return cls(acts, batch_size, store.seed)
+
+    def save(self, path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"activations": self.activations.contiguous().cpu()}, str(path))
+
+    @classmethod
+    def load(cls, path, batch_size: int, seed: int = 0, device=None) -> "CachedActivations":
+        from safetensors.torch import load_file
+
+        return cls(load_file(str(path))["activations"].to(device or "cpu"), batch_size, seed)

@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resample-every", type=int, default=None, help="steps between dead-latent resampling (standard)")
     t.add_argument("--dead-after", type=int, default=None, help="activations without firing before a latent counts as dead "
                                                                   "(default min(1e6, tokens / 10))")
+    t.add_argument("--harvest-tokens", type=int, default=None,
+                   help="compute this many activations once (kept in OUT/activations.safetensors) and train "
+                        "--tokens steps' worth over them in epochs, instead of streaming fresh ones")
     t.add_argument("--buffer-size", type=int, default=None, help="activations in the shuffle buffer (default 32 batches)")
     t.add_argument("--layer-norm-inputs", action="store_true", help="OpenAI's TopK input normalisation")
     t.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
@@ -125,12 +128,26 @@ def _train(args) -> int:
                             buffer_size=args.buffer_size or 32 * args.batch_size, model_batch_size=args.model_batch_size,
                             skip_positions=args.skip_positions, device=args.device, seed=args.seed,
                             progress=False)
+    out = Path(args.out)
+    data = store
+    if args.harvest_tokens:
+        from .activation_store import CachedActivations
+
+        cached = out / "activations.safetensors"
+        t0 = time.perf_counter()
+        if cached.is_file():
+            data = CachedActivations.load(cached, args.batch_size, args.seed, args.device)
+            print(f"using {len(data.activations)} cached activations from {cached}")
+        else:
+            data = CachedActivations.harvest(store, args.harvest_tokens, args.batch_size, progress=not args.quiet)
+            out.mkdir(parents=True, exist_ok=True)
+            data.save(cached)
+            print(f"harvested {len(data.activations)} activations in {time.perf_counter() - t0:.0f}s")
     from .sae import SAE
 
     sae = SAE(sae_cfg, device=args.device)
-    out = Path(args.out)
     t0 = time.perf_counter()
-    trainer = SAETrainer(sae, train_cfg, store, out_dir=out, resume=not args.no_resume, progress=not args.quiet)
+    trainer = SAETrainer(sae, train_cfg, data, out_dir=out, resume=not args.no_resume, progress=not args.quiet)
     trained = trainer.train()
     seconds = time.perf_counter() - t0
     print(f"trained {trainer.step} steps ({trainer.step * args.batch_size} activations) in {seconds:.0f}s; SAE in {out}")

@@ -17,8 +17,9 @@ Hook points, named as SAELens names them; once attached to a model at ``H`` they
 - ``hook_sae_output``    what flows on                                ``[..., d_in]``
 
 With the error term, output = reconstruction + error, where the error is computed from the *clean*
-reconstruction (no edits), so an unedited run returns the input (up to float rounding) and an edit
-to the latents changes the output by exactly the change in reconstruction. The error is detached
+reconstruction (no edits); it is evaluated as ``input + (reconstruction - clean reconstruction)``,
+so an unedited run returns the input bit for bit and an edit to the latents changes the output by
+exactly the change in reconstruction. The error is detached
 from the input, as in SAELens: gradients reach upstream only through the latents. When gradients
 are on, the error is a leaf that requires grad, so backward hooks on ``hook_sae_error`` see the
 gradient of the error node.
@@ -227,7 +228,12 @@ class SAE(HookedRootModule):
                 error = x - clean
             if torch.is_grad_enabled() and (x.requires_grad or self.W_enc.requires_grad):
                 error.requires_grad_(True)
-            out = out + self.hook_sae_error(error)
+            error_h = self.hook_sae_error(error)
+            # Value: x + (reconstruction - clean reconstruction) + (error edit), so an unedited run
+            # returns x bit for bit. Gradient: identity to the (hooked) reconstruction and to the
+            # error node, none straight to x (it flows through the latents, as in SAELens).
+            out = (x.detach() + (out.detach() - clean.detach()) + (out - out.detach())
+                   + (error_h - error.detach()))
         out = self.hook_sae_output(out)
         return out.reshape(shape).to(in_dtype)
 

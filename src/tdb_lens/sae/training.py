@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -124,11 +125,24 @@ class SAETrainer:
         return self.since_fired >= self.cfg.dead_after
 
     def _loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+        """(loss, stats, which latents fired in this batch)."""
         sae, cfg = self.sae, self.cfg
         xn, _ = sae.normalize(x)
         pre = sae.pre_acts(xn)
-        acts = sae.activation(pre)
-        recons = sae.decode_normalized(acts)
+        sparse = sae.cfg.architecture == "topk" and not sae.cfg.rescale_acts_by_decoder_norm
+        if sparse:
+            # decode only the k active rows: the decoder's forward and backward cost k/d_sae of a dense pass
+            vals, idx = pre.topk(sae.cfg.k, dim=-1, sorted=False)  # type: ignore[arg-type]
+            vals = torch.relu(vals)
+            recons = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum") + sae.b_dec
+            fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=x.device)
+            fired[idx[vals > 0]] = True
+            l0 = (vals > 0).float().sum(-1).mean()
+        else:
+            acts = sae.activation(pre)
+            recons = sae.decode_normalized(acts)
+            fired = (acts > 0).any(0)
+            l0 = (acts > 0).float().sum(-1).mean()
         err = xn - recons
         mse = err.pow(2).sum(-1).mean()
         loss = mse
@@ -140,12 +154,13 @@ class SAETrainer:
             if n_dead:
                 k_aux = min(cfg.aux_k or sae.cfg.d_in // 2, n_dead)
                 masked = pre.masked_fill(~dead, float("-inf"))
-                vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
-                aux_acts = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
-                W = sae.W_dec
-                if sae.cfg.rescale_acts_by_decoder_norm:
-                    aux_acts = aux_acts / W.norm(dim=-1)
-                e_hat = aux_acts @ W
+                a_vals, a_idx = masked.topk(k_aux, dim=-1, sorted=False)
+                a_vals = torch.relu(a_vals)
+                if sparse:
+                    e_hat = F.embedding_bag(a_idx, sae.W_dec, per_sample_weights=a_vals, mode="sum")
+                else:
+                    aux_acts = torch.zeros_like(pre).scatter(-1, a_idx, a_vals) / sae.W_dec.norm(dim=-1)
+                    e_hat = aux_acts @ sae.W_dec
                 aux = (err.detach() - e_hat).pow(2).sum(-1).mean()
                 aux = torch.nan_to_num(aux, nan=0.0)
             loss = loss + cfg.aux_coefficient * aux
@@ -159,23 +174,22 @@ class SAETrainer:
             stats["l1"] = float(l1.detach())
         with torch.no_grad():
             total = (xn - xn.mean(0)).pow(2).sum()
-            stats["mse"] = float(mse)
-            stats["fvu"] = float(err.pow(2).sum() / total.clamp(min=1e-12))
-            stats["l0"] = float((acts > 0).float().sum(-1).mean())
-        return loss, stats, acts.detach()
+            stats["mse"] = float(mse.detach())
+            stats["fvu"] = float(err.detach().pow(2).sum() / total.clamp(min=1e-12))
+            stats["l0"] = float(l0)
+        return loss, stats, fired
 
     def train_step(self, x: torch.Tensor) -> dict[str, float]:
         sae = self.sae
         for group in self.optim.param_groups:
             group["lr"] = self._lr()
-        loss, stats, acts = self._loss(x)
+        loss, stats, fired = self._loss(x)
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_gradient_parallel_to_decoder_directions()
         self.optim.step()
         sae.set_decoder_norm_to_unit_norm()
         with torch.no_grad():
-            fired = (acts > 0).any(0)
             self.since_fired += len(x)
             self.since_fired[fired] = 0
             self.fired_since_resample |= fired
