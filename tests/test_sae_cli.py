@@ -77,3 +77,19 @@ def test_unknown_hook(model_dir, corpus, tmp_path):
     with pytest.raises(SystemExit, match="blocks.0.hook_resid_post"):
         main(["train", "--model", str(model_dir), "--hook", "blocks.0.hook_resid_pots", "--corpus", str(corpus),
               "--tokens", "100", "--out", str(tmp_path)])
+
+
+def test_train_on_harvested_activations(model_dir, corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--model", str(model_dir), "--hook", "blocks.1.hook_resid_post", "--corpus", str(corpus),
+            "--context-size", "32", "--k", "4", "--d-sae", "32", "--harvest-tokens", "1024", "--tokens", "4096",
+            "--batch-size", "256", "--eval-tokens", "128", "--out", str(out), "--quiet", "--no-eval"]
+    assert main(args) == 0
+    assert "harvested 1024 activations" in capsys.readouterr().out
+    from safetensors.torch import load_file
+
+    assert load_file(str(out / "activations.safetensors"))["activations"].shape == (1024, 16)
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["history"][-1]["step"] == 16  # 4096 / 256 steps over 4 epochs of the 1024 activations
+    assert main(args + ["--no-resume"]) == 0
+    assert "using 1024 cached activations" in capsys.readouterr().out

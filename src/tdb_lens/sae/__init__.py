@@ -13,7 +13,7 @@ from .sae import SAE
 
 __all__ = [
     "SAE", "SAEConfig", "SAEHostMixin", "TrainConfig", "add_sae", "attached_saes", "remove_sae", "reset_saes",
-    "saes", "load_sae", "save_sae",
+    "saes", "load_sae", "save_sae", "from_pretrained",
 ]
 
 
@@ -23,4 +23,8 @@ def __getattr__(name: str):
         from . import loading
 
         return getattr(loading, name)
+    if name == "from_pretrained":
+        from .hub import from_pretrained
+
+        return from_pretrained
     raise AttributeError(f"module 'tdb_lens.sae' has no attribute {name!r}")

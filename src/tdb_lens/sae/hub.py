@@ -1,8 +1,8 @@
 """Pretrained SAE releases on the Hugging Face hub (SAELens's folder format), via ``huggingface_hub``.
 
 ``from_pretrained("gpt2-small-res-jb", "blocks.8.hook_resid_pre")`` resolves the release to a hub
-repository and folder (from SAELens's release list when the ``sae_lens`` package is installed, else
-from the few releases listed here), downloads ``cfg.json`` and ``sae_weights.safetensors`` into the
+repository and folder (from the few releases listed here, else from SAELens's release list when the
+``sae_lens`` package is installed), downloads ``cfg.json`` and ``sae_weights.safetensors`` into the
 hub cache, and reads them with `load_saelens`. Without network (or with ``HF_HUB_OFFLINE=1``) and
 nothing cached it raises `SAEHubError` saying so.
 
@@ -51,8 +51,9 @@ def _saelens_releases() -> dict[str, dict[str, Any]]:
     try:
         import yaml
 
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader: the file is ~36k lines
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
+            raw = yaml.load(f, Loader=loader) or {}
     except Exception:  # no yaml, unreadable file: fall back to the built-in list
         return {}
     out = {}
@@ -73,7 +74,7 @@ def _saelens_releases() -> dict[str, dict[str, Any]]:
 
 def release_info(release: str) -> dict[str, Any]:
     """What tdb_lens knows about a release (SAELens's list first, then the built-in one)."""
-    info = _saelens_releases().get(release) or BUILTIN_RELEASES.get(release)
+    info = BUILTIN_RELEASES.get(release) or _saelens_releases().get(release)
     if info is None:
         if "/" in release:  # a hub repo id: sae_id is the folder
             return {"repo_id": release, "saes": {}, "model_from_pretrained_kwargs": {}, "conversion_func": None}
