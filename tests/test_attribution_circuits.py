@@ -107,7 +107,9 @@ def test_eap_head_to_logits_is_its_direct_attribution_patch(model3):
     logits = model3.run_with_hooks(corr, fwd_hooks=[(f"blocks.{L - 1}.hook_resid_post", lambda a, hook: x)])
     (g,) = torch.autograd.grad(MET(logits).mean(), x)
     dz = cc["blocks.1.attn.hook_z"][:, :, 2] - xc["blocks.1.attn.hook_z"][:, :, 2]
-    want = float((dz @ model3.blocks[1].attn.W_O[2] * g).sum()) / (float(MET(model3(clean)).mean()) - float(MET(model3(corr)).mean()))
+    with torch.no_grad():
+        gap = float(MET(model3(clean)).mean()) - float(MET(model3(corr)).mean())
+        want = float((dz @ model3.blocks[1].attn.W_O[2] * g).sum()) / gap
     assert abs(es.get("L1.H2", logits_node(model3)) - want) < 1e-4
 
 

@@ -1,5 +1,35 @@
-"""Attribution: node identity, metrics, direct effects, act x grad, patching, ablation, steering, circuits."""
+"""Attribution: node identity, metrics, direct effects, act x grad, patching, ablation, steering, circuits.
 
+Modules (each named after what it holds): `nodes` (the `Node` value type), `metrics`, `results`
+(`Labelled` heatmaps), `scores` (`NodeScores`), `direct_effects` (and the logit lens), `act_grad`,
+`trace` (trace upstream), `activation_patching`, `attribution_patching`, `patching` (sweeps),
+`path_patching`, `ablation`, `steering`, `circuits`, `runs` (shared running helpers).
+"""
+
+from .ablation import ablate, compute_means, mean_ablation_hooks, resample_ablation_hooks, zero_ablation_hooks
+from .act_grad import ActGrad, act_times_grad
+from .activation_patching import activation_patch
+from .attribution_patching import attribution_patch
+from .circuits import CircuitResult, EdgeScores, edge_attribution_patching, evaluate_circuit
+from .direct_effects import DirectEffects, direct_effects, logit_lens
+from .metrics import CallableMetric, Logit, LogitDiff, LogProb, Metric, Prob
 from .nodes import Node, NodeLike, as_node, as_nodes
+from .path_patching import path_patch
+from .patching import patch_attn_out, patch_heads, patch_mlp_out, patch_neurons, patch_node_list, patch_nodes, patch_resid
+from .results import Labelled
+from .scores import NodeScores
+from .steering import Steering, steer_direction, steer_nodes, steering_hooks
+from .trace import Trace, trace_upstream
 
-__all__ = ["Node", "NodeLike", "as_node", "as_nodes"]
+__all__ = [
+    "Node", "NodeLike", "as_node", "as_nodes",
+    "Metric", "LogitDiff", "Logit", "LogProb", "Prob", "CallableMetric",
+    "Labelled", "NodeScores",
+    "DirectEffects", "direct_effects", "logit_lens",
+    "ActGrad", "act_times_grad", "Trace", "trace_upstream",
+    "activation_patch", "attribution_patch", "patch_nodes", "patch_node_list", "patch_resid", "patch_attn_out",
+    "patch_mlp_out", "patch_heads", "patch_neurons", "path_patch",
+    "zero_ablation_hooks", "mean_ablation_hooks", "resample_ablation_hooks", "compute_means", "ablate",
+    "Steering", "steer_nodes", "steer_direction", "steering_hooks",
+    "EdgeScores", "edge_attribution_patching", "CircuitResult", "evaluate_circuit",
+]

@@ -150,11 +150,14 @@ def activation_patch(
     fast: bool = True,
     progress: bool = True,
     return_runs: bool = False,
+    min_rows: int = 48,
 ):
     """Patch each node's clean activation into the corrupted run, one patch at a time.
 
     Returns ``[len(nodes)]`` (normalised unless ``normalise=False``). ``batch_rows`` bounds the rows
-    of one forward pass (patches per pass = ``batch_rows // batch``). Nodes without a position
+    of one forward pass (patches per pass <= ``batch_rows // batch``); patches starting at the same
+    block and position share a pass, and neighbouring positions are merged into it until it has
+    ``min_rows`` rows (a pass costs as much as its earliest start). Nodes without a position
     patch every position. A node's negative positions count from the end of the input.
     """
     runs = setup_runs(model, clean, corrupted, metric, clean_mask, corrupted_mask)
@@ -181,14 +184,7 @@ def activation_patch(
         order = sorted(range(len(node_list)), key=lambda i: (
             -1 if _start_layer(node_list[i]) is None else _start_layer(node_list[i]),
             0 if node_list[i].pos is None else node_list[i].pos, node_list[i].sort_key()))
-        per = max(1, batch_rows // B)
-        passes = []
-        by_layer: dict[Optional[int], list[int]] = defaultdict(list)
-        for i in order:
-            by_layer[_start_layer(node_list[i]) if fast else None].append(i)
-        for layer, idxs in by_layer.items():
-            for chunk in _chunks(idxs, per):
-                passes.append((layer, chunk))
+        passes = _plan_passes(node_list, order, B, batch_rows, min_rows, fast)
         for layer, chunk in tqdm(passes, desc="activation patching", disable=not progress, leave=False):
             groups: dict[str, list[tuple[int, Node]]] = defaultdict(list)
             for j, i in enumerate(chunk):
@@ -198,6 +194,39 @@ def activation_patch(
             out[torch.tensor(chunk)] = vals.float().cpu()
     res = runs.normalise(out) if normalise else out
     return (res, runs) if return_runs else res
+
+
+def _plan_passes(nodes: list[Node], order: list[int], B: int, batch_rows: int, min_rows: int,
+                 fast: bool) -> list[tuple[Optional[int], list[int]]]:
+    """Passes as (start layer or None, node indices), from nodes sorted by (layer, position)."""
+    per = max(1, batch_rows // B)
+    passes: list[tuple[Optional[int], list[int]]] = []
+    key = lambda i: ((_start_layer(nodes[i]) if fast else None),  # noqa: E731
+                     (0 if nodes[i].pos is None else nodes[i].pos) if fast else 0)
+    cur: list[int] = []
+    cur_layer: Optional[int] = None
+    i = 0
+    while i < len(order):
+        k = key(order[i])
+        group = []
+        while i < len(order) and key(order[i]) == k:
+            group.append(order[i])
+            i += 1
+        if cur and (k[0] != cur_layer or len(cur) + len(group) > per):
+            passes.append((cur_layer, cur))
+            cur = []
+        cur_layer = k[0]
+        for chunk in _chunks(group, per):
+            if cur and len(cur) + len(chunk) > per:
+                passes.append((cur_layer, cur))
+                cur = []
+            cur = cur + chunk
+            if len(cur) * B >= min_rows:
+                passes.append((cur_layer, cur))
+                cur = []
+    if cur:
+        passes.append((cur_layer, cur))
+    return passes
 
 
 def _run_pass(model, runs: PatchRuns, corr_cache, corr_logits, kv: KVCache, groups, sources, n: int,
