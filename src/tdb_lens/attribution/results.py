@@ -82,9 +82,6 @@ class Labelled:
 
         Higher-dimensional values are plotted with all but the last axis flattened into rows.
         """
-        import matplotlib
-
-        matplotlib.use(matplotlib.get_backend())  # keep whatever backend the user chose
         import matplotlib.pyplot as plt
 
         v = self.values.float().cpu()
