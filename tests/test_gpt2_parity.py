@@ -21,6 +21,16 @@ from tdb_lens.tokenizer import gpt2_tokenizer  # noqa: E402
 TOL = 1e-4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for this module: on a shared 2-core machine a second OpenMP thread mostly
+    waits for the first (several times slower); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # --------------------------------------------------------------------------------------------
 # GPT-2-small shape, random weights
 # --------------------------------------------------------------------------------------------

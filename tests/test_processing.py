@@ -171,6 +171,12 @@ def test_in_place_processing_matches_pass_through(tmp_path):
     hf.save_pretrained(tmp_path)
     c = HookedGPT2.from_pretrained(tmp_path, **opts)
     assert torch.equal(a(tokens), b(tokens)) and torch.equal(a(tokens), c(tokens))
+    # reduced-precision storage: weights arrive rounded to bfloat16, are processed in float32 and
+    # rounded once more, so within two bfloat16 roundings of the float32 result
+    c16 = HookedGPT2.from_pretrained(tmp_path, dtype=torch.bfloat16, **opts)
+    for (name, p16), (_, p32) in zip(c16.named_parameters(), c.named_parameters()):
+        assert p16.dtype == torch.bfloat16
+        assert max_diff(p16, p32) <= 2 ** -6 * float(p32.abs().max()) + 1e-6, name
     d = HookedGPT2.from_config(n_layers=2, d_model=32, n_heads=4, d_mlp=64, d_vocab=100, n_ctx=16, seed=0, fold_ln=True)
     assert d.ln_final.weight is None and d.weight_processing["fold_ln"]
     # processing composes with the per-head options

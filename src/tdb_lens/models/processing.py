@@ -74,14 +74,18 @@ def _fold_norm_into(norm: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -
     """Fold a LayerNorm into the layer reading it: ``x_norm @ W + b`` with W [d_model, out], b [out].
 
     ``(n * w + c) @ W + b == n @ (w[:, None] * W) + (c @ W + b)``; the reading weight is then centred
-    over ``d_model`` (``n`` has zero mean, so that changes nothing). Returns False if already folded.
+    over ``d_model`` (``n`` has zero mean, so that changes nothing). Computed in float32 whatever the
+    storage dtype (as TransformerLens does). Returns False if the norm was already folded.
     """
     if norm.weight is None:
         return False
-    w, c = norm.weight.detach(), norm.bias.detach()
-    bias.add_(c.to(weight.dtype) @ weight)
-    weight.mul_(w.to(weight.dtype)[:, None])
-    weight.sub_(weight.mean(0, keepdim=True))
+    W, b = weight.float(), bias.float()  # the tensors themselves when already float32
+    w, c = norm.weight.detach().float(), norm.bias.detach().float()
+    b = b + c @ W
+    W = W * w[:, None]
+    W = W - W.mean(0, keepdim=True)
+    weight.copy_(W)
+    bias.copy_(b)
     norm.weight = None
     norm.bias = None
     return True
@@ -89,7 +93,8 @@ def _fold_norm_into(norm: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -
 
 def _center_rows(t: torch.Tensor) -> None:
     """Subtract each vector's mean over the last axis (the residual-stream axis for writing weights)."""
-    t.sub_(t.mean(-1, keepdim=True))
+    f = t.float()
+    t.copy_(f - f.mean(-1, keepdim=True))
 
 
 @torch.no_grad()
@@ -147,7 +152,8 @@ def process_weights_(
             attn = block.attn
             D = attn.d_model
             b_v = attn.c_attn.bias[2 * D:]  # b_V flattened (head, d_head)
-            attn.c_proj.bias.add_(b_v @ attn.c_proj.weight)  # sum_h b_V[h] @ W_O[h]
+            b_o = attn.c_proj.bias
+            b_o.copy_(b_o.float() + b_v.float() @ attn.c_proj.weight.float())  # sum_h b_V[h] @ W_O[h]
             b_v.zero_()
             if done.get("center_writing_weights"):
                 _center_rows(attn.c_proj.bias)  # as TransformerLens: b_O stays mean-free
