@@ -208,3 +208,22 @@ def test_constant_norm_rescale():
     a2, r2 = ref.encode_decode(x * coeff)
     torch.testing.assert_close(acts, a2)
     torch.testing.assert_close(recons, r2 / coeff)
+
+
+def test_topk_forward_without_latent_hooks_decodes_sparsely_and_matches():
+    sae = random_sae("topk")
+    x = torch.randn(3, 7, 12)
+    assert sae._sparse_decode_ok()
+    fast = sae(x)
+    torch.testing.assert_close(fast, sae.reconstruct(x), atol=1e-5, rtol=1e-5)
+    _, cache = sae.run_with_cache(x)  # hooks on the latents: the dense path
+    torch.testing.assert_close(cache["hook_sae_output"], fast, atol=1e-5, rtol=1e-5)
+    sae.use_error_term = True
+    assert torch.equal(sae(x), x)
+    out = sae.run_with_hooks(x, fwd_hooks=[("hook_sae_acts_pre", lambda a, hook: a * 2)])
+    expected = sae.decode(sae.activation(sae.pre_acts(x) * 2)) + (x - sae.reconstruct(x))
+    torch.testing.assert_close(out, expected.detach(), atol=1e-5, rtol=0)
+    g = torch.randn(3, 7, 12)
+    xg = x.clone().requires_grad_(True)
+    (sae(xg) * g).sum().backward()  # gradients reach the input through the sparse decode
+    assert xg.grad is not None and xg.grad.abs().sum() > 0

@@ -211,16 +211,22 @@ class SAE(HookedRootModule):
         xn, state = self.normalize(sae_in)
         pre = self.pre_acts(xn)
         pre_h, pre_edited = _through(self.hook_sae_acts_pre, pre)
-        acts = self.activation(pre_h)
-        acts_h, acts_edited = _through(self.hook_sae_acts_post, acts)
-        recons = self.denormalize(self.decode_normalized(acts_h), state)
+        if self._sparse_decode_ok():
+            # nobody looks at the dense latents: decode the k active rows only
+            acts, acts_edited = None, False
+            recons = self.denormalize(self._topk_decode(pre_h), state)
+        else:
+            acts = self.activation(pre_h)
+            acts_h, acts_edited = _through(self.hook_sae_acts_post, acts)
+            recons = self.denormalize(self.decode_normalized(acts_h), state)
         out = self.hook_sae_recons(recons)
         if self.use_error_term:
             with torch.no_grad():
                 if in_edited:
                     clean = self.reconstruct(x)
                 elif pre_edited:
-                    clean = self.denormalize(self.decode_normalized(self.activation(pre)), state)
+                    clean = (self.denormalize(self._topk_decode(pre), state) if acts is None
+                             else self.denormalize(self.decode_normalized(self.activation(pre)), state))
                 elif acts_edited:
                     clean = self.denormalize(self.decode_normalized(acts), state)
                 else:
@@ -236,6 +242,18 @@ class SAE(HookedRootModule):
                    + (error_h - error.detach()))
         out = self.hook_sae_output(out)
         return out.reshape(shape).to(in_dtype)
+
+    def _sparse_decode_ok(self) -> bool:
+        hp = self.hook_sae_acts_post
+        return (self.cfg.architecture == "topk" and not self.cfg.rescale_acts_by_decoder_norm
+                and not hp._fwd and not hp._bwd)
+
+    def _topk_decode(self, pre: torch.Tensor) -> torch.Tensor:
+        """``activation(pre) @ W_dec + b_dec`` for TopK, reading only the k active decoder rows."""
+        vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)  # type: ignore[arg-type]
+        k = idx.shape[-1]
+        dec = F.embedding_bag(idx.reshape(-1, k), self.W_dec, per_sample_weights=F.relu(vals).reshape(-1, k), mode="sum")
+        return dec.reshape(*pre.shape[:-1], self.cfg.d_in) + self.b_dec
 
     # ---- weight utilities -------------------------------------------------------------------
     @torch.no_grad()
