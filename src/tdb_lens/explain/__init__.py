@@ -8,10 +8,21 @@ resumable, mergeable top-k / quantile / random examples), `prompts` (prompt form
 `causal` (ablation-based score), `store` (SQLite), `search` (embeddings, clustering), `cli`.
 """
 
+from .backends import BackendError, LocalChatBackend, OpenAIChatBackend, backend_from_spec
+from .causal import CausalScore, CausalScorer
 from .corpus import Corpus, CorpusUnavailableError, build_corpus, default_corpus_path, iter_texts
+from .explainer import Explanation, LLMExplainer, TopTokensExplainer
 from .harvest import HarvestResult, UnitRecord, harvest, load_harvest
+from .scoring import correlation_score, detection_score, fuzzing_score, pearson, score_all
+from .search import MiniLMEmbedder, cluster, prompt_clusters, prompt_units, search
+from .simulator import AllAtOnceSimulator, JSONSimulator, LikelihoodSimulator, simulator_for
+from .store import ExplanationStore, format_table
 
 __all__ = [
-    "Corpus", "CorpusUnavailableError", "HarvestResult", "UnitRecord", "build_corpus", "default_corpus_path",
-    "harvest", "iter_texts", "load_harvest",
+    "AllAtOnceSimulator", "BackendError", "CausalScore", "CausalScorer", "Corpus", "CorpusUnavailableError",
+    "Explanation", "ExplanationStore", "HarvestResult", "JSONSimulator", "LLMExplainer", "LikelihoodSimulator",
+    "LocalChatBackend", "MiniLMEmbedder", "OpenAIChatBackend", "TopTokensExplainer", "UnitRecord",
+    "backend_from_spec", "build_corpus", "cluster", "correlation_score", "default_corpus_path", "detection_score",
+    "format_table", "fuzzing_score", "harvest", "iter_texts", "load_harvest", "pearson", "prompt_clusters",
+    "prompt_units", "score_all", "search", "simulator_for",
 ]

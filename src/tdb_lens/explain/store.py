@@ -1,0 +1,320 @@
+"""SQLite store (standard library ``sqlite3``) of units, their examples, explanations and scores.
+
+Tables (one file, readable by any SQLite client):
+
+- ``units``: one row per (model, hook, unit, corpus): its label as `tdb_lens.attribution.nodes.Node`
+  prints it (``L3.N1024``, ``blocks.3.hook_resid_post:F123``), kind, corpus fingerprint and
+  statistics (JSON);
+- ``examples``: the unit's harvested windows (``top``, ``random``, ``sample``): token ids and
+  activations as JSON lists, the window's max activation and quantile bin;
+- ``explanations``: text, explainer (provenance: ``llm:local:...``, ``top-tokens``,
+  ``llm:openai:...``), raw model output, creation time, metadata;
+- ``scores``: one row per (explanation, method): ``correlation``, ``detection``, ``fuzzing``,
+  ``causal``..., the scorer's name and details (JSON);
+- ``embeddings``: cached sentence embeddings of explanations (used by `tdb_lens.explain.search`).
+
+Writes are transactions; re-adding a unit updates it in place (same id) and replaces its examples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+
+from .explainer import Explanation
+from .harvest import UnitRecord
+from .units import unit_kind
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS units (
+    id INTEGER PRIMARY KEY,
+    model TEXT NOT NULL, hook TEXT NOT NULL, unit INTEGER NOT NULL, label TEXT NOT NULL, kind TEXT NOT NULL,
+    corpus TEXT NOT NULL, corpus_fingerprint TEXT NOT NULL DEFAULT '', stats TEXT NOT NULL DEFAULT '{}',
+    UNIQUE (model, hook, unit, corpus_fingerprint)
+);
+CREATE INDEX IF NOT EXISTS units_label ON units (label);
+CREATE TABLE IF NOT EXISTS examples (
+    unit_id INTEGER NOT NULL REFERENCES units (id) ON DELETE CASCADE,
+    kind TEXT NOT NULL, rank INTEGER NOT NULL, window INTEGER NOT NULL,
+    tokens TEXT NOT NULL, acts TEXT NOT NULL, max_act REAL NOT NULL, bin INTEGER,
+    PRIMARY KEY (unit_id, kind, rank)
+);
+CREATE TABLE IF NOT EXISTS explanations (
+    id INTEGER PRIMARY KEY,
+    unit_id INTEGER NOT NULL REFERENCES units (id) ON DELETE CASCADE,
+    text TEXT NOT NULL, explainer TEXT NOT NULL, raw TEXT, created REAL NOT NULL, meta TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS explanations_unit ON explanations (unit_id);
+CREATE TABLE IF NOT EXISTS scores (
+    explanation_id INTEGER NOT NULL REFERENCES explanations (id) ON DELETE CASCADE,
+    method TEXT NOT NULL, value REAL, scorer TEXT NOT NULL DEFAULT '', details TEXT NOT NULL DEFAULT '{}',
+    created REAL NOT NULL,
+    PRIMARY KEY (explanation_id, method)
+);
+CREATE TABLE IF NOT EXISTS embeddings (
+    explanation_id INTEGER NOT NULL REFERENCES explanations (id) ON DELETE CASCADE,
+    embedder TEXT NOT NULL, dim INTEGER NOT NULL, vector BLOB NOT NULL,
+    PRIMARY KEY (explanation_id, embedder)
+);
+"""
+
+
+@dataclass
+class ExplanationRow:
+    """One explanation with its unit and scores, as `ExplanationStore.explanations` returns it."""
+
+    id: int
+    unit_id: int
+    model: str
+    hook: str
+    unit: int
+    label: str
+    kind: str
+    corpus: str
+    text: str
+    explainer: str
+    scores: dict
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    raise TypeError(f"cannot store {type(o).__name__} as JSON")
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, default=_json_default, allow_nan=True)
+
+
+class ExplanationStore:
+    """``ExplanationStore(path)`` opens (creating if needed) a store; ``":memory:"`` for a scratch one."""
+
+    def __init__(self, path: Union[str, os.PathLike] = ":memory:") -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(self.path)
+        self.conn.execute("PRAGMA foreign_keys = ON")
+        try:
+            self.conn.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            self.conn.close()
+            raise ValueError(f"{self.path} is not a tdb_lens explanation store (SQLite says: {e})") from None
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            with self.conn:
+                self.conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) != SCHEMA_VERSION:
+            self.conn.close()
+            raise ValueError(f"{self.path} has store schema {row[0]}, this tdb_lens reads {SCHEMA_VERSION}")
+
+    # ---- context manager ----------------------------------------------------------------------
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "ExplanationStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- writing --------------------------------------------------------------------------------
+    def add_unit(self, record: UnitRecord, model: str, corpus: str = "", corpus_fingerprint: str = "",
+                 examples: bool = True) -> int:
+        """Store (or update) a harvested unit and, with ``examples``, its windows; its id."""
+        if not model:
+            raise ValueError("add_unit needs the model's name (provenance)")
+        with self.conn:
+            cur = self.conn.execute(
+                "INSERT INTO units (model, hook, unit, label, kind, corpus, corpus_fingerprint, stats) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (model, hook, unit, corpus_fingerprint) DO UPDATE SET "
+                "label = excluded.label, kind = excluded.kind, corpus = excluded.corpus, stats = excluded.stats "
+                "RETURNING id",
+                (model, record.hook, int(record.unit), record.label, unit_kind(record.hook), corpus,
+                 corpus_fingerprint, _dumps(record.stats)),
+            )
+            uid = int(cur.fetchone()[0])
+            if examples:
+                self.conn.execute("DELETE FROM examples WHERE unit_id = ?", (uid,))
+                rows = []
+                for kind, wins, toks, acts, bins in (
+                    ("top", record.top_windows, record.top_tokens, record.top_acts, None),
+                    ("random", record.random_windows, record.random_tokens, record.random_acts, None),
+                    ("sample", record.sample_windows, record.sample_tokens, record.sample_acts, record.sample_bins),
+                ):
+                    for r, w in enumerate(wins):
+                        a = acts[r]
+                        rows.append((uid, kind, r, int(w), _dumps(toks[r].tolist()), _dumps(a.tolist()),
+                                     float(a.max()) if a.numel() else 0.0, None if bins is None else int(bins[r])))
+                self.conn.executemany("INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        return uid
+
+    def add_explanation(self, unit_id: int, explanation: Explanation) -> int:
+        self._check_unit(unit_id)
+        with self.conn:
+            cur = self.conn.execute(
+                "INSERT INTO explanations (unit_id, text, explainer, raw, created, meta) VALUES (?, ?, ?, ?, ?, ?)",
+                (unit_id, explanation.text, explanation.explainer, explanation.raw, time.time(), _dumps(explanation.meta)),
+            )
+        return int(cur.lastrowid)
+
+    def add_score(self, explanation_id: int, method: str, value: Optional[float], scorer: str = "",
+                  details: Optional[dict] = None) -> None:
+        if self.conn.execute("SELECT 1 FROM explanations WHERE id = ?", (explanation_id,)).fetchone() is None:
+            raise KeyError(f"no explanation with id {explanation_id}")
+        with self.conn:
+            self.conn.execute(
+                "INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?, ?)",
+                (explanation_id, method, None if value is None else float(value), scorer, _dumps(details or {}), time.time()),
+            )
+
+    def add_scores(self, explanation_id: int, scores: dict, scorer: str = "") -> None:
+        """Every ``{method: value}`` of `tdb_lens.explain.scoring.score_all`'s result, with its ``{method}_details``."""
+        for method, value in scores.items():
+            if method.endswith("_details"):
+                continue
+            self.add_score(explanation_id, method, value, scorer, scores.get(f"{method}_details"))
+
+    def _check_unit(self, unit_id: int) -> None:
+        if self.conn.execute("SELECT 1 FROM units WHERE id = ?", (unit_id,)).fetchone() is None:
+            raise KeyError(f"no unit with id {unit_id}")
+
+    # ---- reading --------------------------------------------------------------------------------
+    def unit_id(self, label_or_hook: str, unit: Optional[int] = None, model: Optional[str] = None) -> int:
+        """The id of a unit by label (``L3.N1024``) or by hook and index; the most recent if several."""
+        q, args = ("SELECT id FROM units WHERE label = ?", [label_or_hook]) if unit is None else \
+            ("SELECT id FROM units WHERE hook = ? AND unit = ?", [label_or_hook, int(unit)])
+        if model is not None:
+            q += " AND model = ?"
+            args.append(model)
+        row = self.conn.execute(q + " ORDER BY id DESC", args).fetchone()
+        if row is None:
+            what = label_or_hook if unit is None else f"{label_or_hook}[{unit}]"
+            raise KeyError(f"no unit {what} in {self.path}")
+        return int(row[0])
+
+    def unit(self, unit_id: int) -> dict:
+        row = self.conn.execute("SELECT id, model, hook, unit, label, kind, corpus, corpus_fingerprint, stats "
+                                "FROM units WHERE id = ?", (unit_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no unit with id {unit_id}")
+        keys = ("id", "model", "hook", "unit", "label", "kind", "corpus", "corpus_fingerprint", "stats")
+        d = dict(zip(keys, row))
+        d["stats"] = json.loads(d["stats"])
+        return d
+
+    def examples(self, unit_id: int, kind: str = "top") -> list[dict]:
+        """``[{window, tokens, acts, max_act, bin}]`` of one kind (top / random / sample), in rank order."""
+        if kind not in ("top", "random", "sample"):
+            raise ValueError(f"kind must be 'top', 'random' or 'sample', got {kind!r}")
+        rows = self.conn.execute("SELECT window, tokens, acts, max_act, bin FROM examples WHERE unit_id = ? AND kind = ? "
+                                 "ORDER BY rank", (unit_id, kind)).fetchall()
+        return [{"window": w, "tokens": json.loads(t), "acts": json.loads(a), "max_act": m, "bin": b}
+                for w, t, a, m, b in rows]
+
+    def explanations(self, model: Optional[str] = None, hook: Optional[str] = None,
+                     explainer: Optional[str] = None, unit_id: Optional[int] = None,
+                     ids: Optional[Sequence[int]] = None) -> list[ExplanationRow]:
+        """Explanations with their unit and every score, filtered by the arguments given."""
+        q = ("SELECT e.id, u.id, u.model, u.hook, u.unit, u.label, u.kind, u.corpus, e.text, e.explainer "
+             "FROM explanations e JOIN units u ON e.unit_id = u.id WHERE 1=1")
+        args: list = []
+        for col, val in (("u.model", model), ("u.hook", hook), ("e.explainer", explainer), ("u.id", unit_id)):
+            if val is not None:
+                q += f" AND {col} = ?"
+                args.append(val)
+        if ids is not None:
+            ids = [int(i) for i in ids]
+            if not ids:
+                return []
+            q += f" AND e.id IN ({','.join('?' * len(ids))})"
+            args += ids
+        rows = self.conn.execute(q + " ORDER BY u.hook, u.unit, e.id", args).fetchall()
+        scores: dict[int, dict] = {}
+        if rows:
+            eids = [r[0] for r in rows]
+            for s in range(0, len(eids), 900):  # SQLite's bound-parameter limit
+                part = eids[s:s + 900]
+                for eid, method, value in self.conn.execute(
+                        f"SELECT explanation_id, method, value FROM scores WHERE explanation_id IN ({','.join('?' * len(part))})",
+                        part):
+                    scores.setdefault(eid, {})[method] = value
+        return [ExplanationRow(*r, scores=scores.get(r[0], {})) for r in rows]
+
+    def score_details(self, explanation_id: int, method: str) -> dict:
+        row = self.conn.execute("SELECT details FROM scores WHERE explanation_id = ? AND method = ?",
+                                (explanation_id, method)).fetchone()
+        if row is None:
+            raise KeyError(f"no {method!r} score for explanation {explanation_id}")
+        return json.loads(row[0])
+
+    def best(self, label: str, method: str = "correlation") -> ExplanationRow:
+        """The explanation of unit ``label`` with the highest ``method`` score."""
+        rows = [r for r in self.explanations(unit_id=self.unit_id(label)) if r.scores.get(method) is not None]
+        if not rows:
+            raise KeyError(f"unit {label} has no explanation scored by {method!r}")
+        return max(rows, key=lambda r: r.scores[method])
+
+    def mean_scores(self, method: str = "correlation", **filters) -> dict[str, float]:
+        """``{explainer: mean score}`` over the explanations matching ``filters``."""
+        acc: dict[str, list[float]] = {}
+        for r in self.explanations(**filters):
+            v = r.scores.get(method)
+            if v is not None:
+                acc.setdefault(r.explainer, []).append(float(v))
+        return {k: sum(v) / len(v) for k, v in acc.items()}
+
+    def counts(self) -> dict[str, int]:
+        return {t: int(self.conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0])
+                for t in ("units", "examples", "explanations", "scores", "embeddings")}
+
+    # ---- embeddings (for search) -------------------------------------------------------------
+    def embeddings(self, explanation_ids: Iterable[int], embedder: str) -> dict[int, torch.Tensor]:
+        ids = list(explanation_ids)
+        out: dict[int, torch.Tensor] = {}
+        for s in range(0, len(ids), 900):
+            part = ids[s:s + 900]
+            for eid, dim, blob in self.conn.execute(
+                    f"SELECT explanation_id, dim, vector FROM embeddings WHERE embedder = ? AND explanation_id IN "
+                    f"({','.join('?' * len(part))})", [embedder, *part]):
+                out[int(eid)] = torch.frombuffer(bytearray(blob), dtype=torch.float32)[:dim].clone()
+        return out
+
+    def put_embeddings(self, vectors: dict[int, torch.Tensor], embedder: str) -> None:
+        with self.conn:
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?, ?)",
+                [(int(i), embedder, int(v.numel()), v.detach().float().cpu().contiguous().numpy().tobytes())
+                 for i, v in vectors.items()],
+            )
+
+
+def format_table(rows: Sequence[ExplanationRow], methods: Optional[Sequence[str]] = None, width: int = 60) -> str:
+    """A plain-text table: label, explainer, scores, explanation (cut to ``width`` characters)."""
+    if methods is None:
+        seen: list[str] = []
+        for r in rows:
+            seen += [m for m in r.scores if m not in seen]
+        methods = seen
+    head = ["unit", "explainer", *methods, "explanation"]
+    body = []
+    for r in rows:
+        text = r.text if len(r.text) <= width else r.text[: width - 1] + "…"
+        vals = [("" if r.scores.get(m) is None else f"{r.scores[m]:.3f}") for m in methods]
+        body.append([r.label, r.explainer, *vals, text])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)] if body else [len(h) for h in head]
+    fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body]
+    return "\n".join(lines)
