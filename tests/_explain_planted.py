@@ -1,4 +1,9 @@
-"""A planted unit: fires (1.0) exactly on city-name tokens, 0 elsewhere; shared by tests and bench."""
+"""A planted unit: fires (1.0) exactly on city-name tokens, 0 elsewhere; shared by the explain tests.
+
+The host is a tiny random GPT-2 (one layer) whose neuron ``PLANT_UNIT`` of ``PLANT_HOOK`` is
+overwritten by a permanent hook with the indicator of the city tokens; the corpus mixes sentences
+full of cities with Debian fortunes (few cities), so random windows are mostly city-free.
+"""
 
 import torch
 
@@ -22,7 +27,7 @@ PLANT_UNIT = 3
 
 
 def planted_model():
-    """A tiny random GPT-2 whose neuron 3 at layer 0 is overwritten with the city indicator."""
+    """``(model, city token ids)``: neuron 3 at layer 0 is the city indicator."""
     model = HookedGPT2.from_config(n_layers=1, d_model=32, n_heads=4, d_mlp=16, n_ctx=64, seed=0).eval()
     tok = model.tokenizer
     ids = torch.tensor(sorted({tok.encode(" " + c)[0] for c in CITIES if len(tok.encode(" " + c)) == 1}))
@@ -33,12 +38,9 @@ def planted_model():
         act[..., PLANT_UNIT] = torch.isin(state["tokens"], ids).to(act.dtype)
         return act
 
-    def remember(tokens, hook):  # noqa: ARG001 - the embedding hook sees the tokens' embeddings only,
-        return None
-
     orig_forward = model.forward
 
-    def forward(input, *a, **kw):
+    def forward(input, *a, **kw):  # remember the token ids: the MLP hook only sees activations
         t, _ = model._prepare(input, None, kw.get("prepend_bos"), kw.get("padding_side"))
         state["tokens"] = t
         return orig_forward(input, *a, **kw)

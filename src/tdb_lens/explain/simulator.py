@@ -170,24 +170,24 @@ class LikelihoodSimulator:
         cache = KVCache.empty(m.cfg.n_layers)
         first = m(torch.tensor([pid], device=m.device), past_kv_cache=cache)[0, -1].float().log_softmax(-1).cpu()
         wids = [enc(" " + w) or [m.tokenizer.pad_id] for w in words]
-        out = torch.empty(len(words))
-        for s in range(0, len(words), self.batch_size):
-            part = wids[s:s + self.batch_size]
-            L = max(len(w) for w in part) - 1
-            tot = torch.tensor([float(first[w[0]]) for w in part])
-            if L > 0:
-                B = len(part)
-                toks = torch.full((B, L), m.tokenizer.pad_id, dtype=torch.long)
-                mask = torch.zeros(B, L, dtype=torch.long)
-                for r, w in enumerate(part):
-                    toks[r, : len(w) - 1] = torch.tensor(w[:-1])
-                    mask[r, : len(w) - 1] = 1
-                c = KVCache([k.expand(B, -1, -1, -1) for k in cache.keys], [v.expand(B, -1, -1, -1) for v in cache.values])
-                lp = m(toks.to(m.device), attention_mask=mask.to(m.device), past_kv_cache=c).float().log_softmax(-1).cpu()
-                for r, w in enumerate(part):
-                    if len(w) > 1:
-                        tot[r] += lp[r, torch.arange(len(w) - 1), torch.tensor(w[1:])].sum()
-            out[s:s + len(part)] = tot
+        out = torch.tensor([float(first[w[0]]) for w in wids])
+        # words of more than one token: the rest of their tokens after the cached prefix, batched
+        # by length (most words are one token and need no forward at all)
+        multi = sorted((i for i, w in enumerate(wids) if len(w) > 1), key=lambda i: len(wids[i]))
+        for s in range(0, len(multi), self.batch_size):
+            part = multi[s:s + self.batch_size]
+            B, L = len(part), max(len(wids[i]) for i in part) - 1
+            toks = torch.full((B, L), m.tokenizer.pad_id, dtype=torch.long)
+            mask = torch.zeros(B, L, dtype=torch.long)
+            for r, i in enumerate(part):
+                toks[r, : len(wids[i]) - 1] = torch.tensor(wids[i][:-1])
+                mask[r, : len(wids[i]) - 1] = 1
+            c = KVCache([k.expand(B, -1, -1, -1) for k in cache.keys], [v.expand(B, -1, -1, -1) for v in cache.values])
+            logits = m(toks.to(m.device), attention_mask=mask.to(m.device), past_kv_cache=c).float().cpu()
+            for r, i in enumerate(part):
+                n = len(wids[i]) - 1
+                lp = logits[r, :n].log_softmax(-1)
+                out[i] += lp[torch.arange(n), torch.tensor(wids[i][1:])].sum()
         return out
 
     def _neutral_lp(self, neutral: str, words: Sequence[str]) -> torch.Tensor:
@@ -232,20 +232,25 @@ class JSONSimulator:
 
 def parse_json_activations(reply: str, n: int, scale_max: int = 10) -> list[float]:
     """The first JSON list of numbers in ``reply``, clipped to ``0..scale_max``, fitted to length ``n``."""
-    m = re.search(r"\[[^\[\]]*\]", reply or "")
-    vals: list[float] = []
-    if m:
+    text = reply or ""
+    raw = None
+    dec = json.JSONDecoder()
+    for m in re.finditer(r"\[", text):  # the first '[' that starts a whole JSON list
         try:
-            raw = json.loads(m.group(0))
-            for v in raw:
-                if isinstance(v, (list, tuple)) and v:  # [[token, value], ...]
-                    v = v[-1]
-                try:
-                    vals.append(float(v))
-                except (TypeError, ValueError):
-                    vals.append(0.0)
+            obj, _ = dec.raw_decode(text, m.start())
         except json.JSONDecodeError:
-            vals = []
+            continue
+        if isinstance(obj, list):
+            raw = obj
+            break
+    vals: list[float] = []
+    for v in raw or []:
+        if isinstance(v, (list, tuple)) and v:  # [[token, value], ...]
+            v = v[-1]
+        try:
+            vals.append(float(v))
+        except (TypeError, ValueError):
+            vals.append(0.0)
     vals = [min(float(scale_max), max(0.0, v)) for v in vals][:n]
     return vals + [0.0] * (n - len(vals))
 
