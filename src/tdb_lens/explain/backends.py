@@ -34,7 +34,7 @@ class BackendError(RuntimeError):
 class LocalChatBackend:
     """A chat model loaded by tdb_lens (default: SmolLM2-135M-Instruct from the offline GGUF)."""
 
-    def __init__(self, model=None, batch_size: int = 4, progress: bool = False) -> None:
+    def __init__(self, model=None, batch_size: int = 8, progress: bool = False) -> None:
         if model is None:
             from .. import load
 

@@ -26,9 +26,10 @@ SCORE_METHODS = ("correlation", "detection", "fuzzing", "causal")
 
 
 def parse_units(spec: str, n_units: int, seed: int = 0) -> list[int]:
-    """``0-31``, ``0,5,9``, ``3``, ``random:32`` (seeded), ``all``; checked against ``n_units``."""
+    """``0-31``, ``0,5,9``, ``3``, ``random:32`` (seeded), ``all``; checked against ``n_units``.
+    (``active:N``, N random units among those that fire on the corpus, is resolved after harvesting.)"""
     spec = spec.strip()
-    if spec == "all":
+    if spec == "all" or spec.startswith("active:"):
         return list(range(n_units))
     if spec.startswith("random:"):
         try:
@@ -64,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="model to explain (tdb_lens.load name or path)")
     p.add_argument("--hook", help="hook whose units to explain, e.g. blocks.3.mlp.hook_post")
-    p.add_argument("--units", default="0-7", help="0-31, 0,5,9, random:32 or all (default 0-7)")
+    p.add_argument("--units", default="0-7",
+                   help="0-31, 0,5,9, random:32, all, or active:32 (32 random units among those that fire on the "
+                        "corpus: harvests every unit, for SAEs with dead latents) (default 0-7)")
     p.add_argument("--sae", help="an SAE folder to splice in before harvesting (for *.hook_sae_acts_post hooks)")
     p.add_argument("--corpus", default="fortunes",
                    help="'fortunes' (Debian's, offline), a directory, .txt/.jsonl file or hf:NAME[:CONFIG][/SPLIT]")
@@ -74,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=20, help="top windows kept per unit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--explainer", default="local",
-                   help="local (SmolLM2 chat), top-tokens (baseline), an OpenAI-compatible base URL, or openai:MODEL@URL")
+                   help="local (SmolLM2 chat), top-tokens (baseline), an OpenAI-compatible base URL, or openai:MODEL@URL; "
+                        "several, comma-separated, to compare them on the same units")
     p.add_argument("--explainer-model", default="gpt-4o-mini", help="model name sent to an OpenAI-compatible endpoint")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the endpoint's key")
     p.add_argument("--simulator", default="auto", choices=("auto", "likelihood", "all-at-once", "json"),
@@ -95,11 +99,10 @@ def _corpus_source(spec: str):
     return default_corpus_path() if spec == "fortunes" else spec
 
 
-def _explainer(args, model):
+def _explainer(spec: str, args, model):
     from .backends import LocalChatBackend, backend_from_spec
     from .explainer import LLMExplainer, TopTokensExplainer
 
-    spec = args.explainer
     if spec == "top-tokens":
         return TopTokensExplainer(model.tokenizer), None
     if spec == "local":
@@ -108,19 +111,13 @@ def _explainer(args, model):
         backend = backend_from_spec(spec, endpoint_model=args.explainer_model, api_key_env=args.api_key_env)
     else:
         raise ValueError(f"--explainer must be local, top-tokens, an http(s):// base URL or openai:MODEL@URL, got {spec!r}")
+    if spec == "local":
+        return LLMExplainer.for_local_model(backend, model.tokenizer), backend
     return LLMExplainer(backend, model.tokenizer), backend
 
 
-def run(args) -> int:
-    import torch
-
+def run(args, model=None) -> int:
     import tdb_lens
-
-    from .corpus import build_corpus
-    from .harvest import harvest, n_units_at
-    from .scoring import score_all
-    from .simulator import simulator_for
-    from .store import ExplanationStore, format_table
 
     methods = [m.strip() for m in args.scores.split(",") if m.strip()]
     bad = [m for m in methods if m not in SCORE_METHODS]
@@ -130,7 +127,8 @@ def run(args) -> int:
         raise ValueError("--hook is required (e.g. blocks.3.mlp.hook_post), unless --search or --list")
     progress = not args.no_progress
     t0 = time.time()
-    model = tdb_lens.load(args.model).eval()
+    model = tdb_lens.load(args.model).eval() if model is None else model
+    attached = None
     if args.sae:
         from ..sae import add_sae, load_sae
 
@@ -138,7 +136,25 @@ def run(args) -> int:
         site = args.hook[: -len(".hook_sae_acts_post")] if args.hook.endswith(".hook_sae_acts_post") else sae.cfg.hook_name
         if not site:
             raise ValueError("the SAE does not record its hook: use --hook SITE.hook_sae_acts_post")
-        add_sae(model, sae, site)
+        attached = add_sae(model, sae, site)
+    try:
+        return _run(args, model, methods, progress, t0)
+    finally:
+        if attached is not None:
+            from ..sae import remove_sae
+
+            remove_sae(model, attached)
+
+
+def _run(args, model, methods, progress, t0) -> int:
+    import torch
+
+    from .corpus import build_corpus
+    from .harvest import harvest, n_units_at
+    from .scoring import score_all
+    from .simulator import simulator_for
+    from .store import ExplanationStore, format_table
+
     if args.hook not in model.hook_dict:
         from ..hooks.names import unknown_name_error
 
@@ -148,50 +164,99 @@ def run(args) -> int:
                           seed=args.seed)
     db = Path(args.db)
     hdir = Path(args.harvest_dir) if args.harvest_dir else db.with_name(
-        f"{db.stem}-harvest") / f"{args.hook}-{corpus.fingerprint}-{'_'.join(map(str, units))[:60]}"
+        f"{db.stem}-harvest") / f"{args.hook}-{corpus.fingerprint}-k{args.k}-{_digest(units)}"
     print(f"harvesting {len(units)} units at {args.hook} over {corpus.n_windows} windows of {corpus.ctx_len} tokens "
           f"({args.corpus}) into {hdir}", file=sys.stderr)
     result = harvest(model, corpus, args.hook, hdir, units=units, k=args.k, batch_size=args.batch_size, seed=args.seed,
                      model_name=args.model, progress=progress)
-    records = [r for r in result.records() if r.top_windows]
-    explainer, backend = _explainer(args, model)
-    print(f"explaining with {explainer.name}", file=sys.stderr)
-    explanations = []
-    step = 8
-    for s in tqdm(range(0, len(records), step), desc="explain", disable=not progress, unit="batch"):
-        explanations += explainer.explain_many(records[s:s + step])
-    sim_kind = args.simulator
-    if sim_kind == "auto":
-        sim_kind = "likelihood"
+    if args.units.startswith("active:"):
+        units = _pick_active(args.units, result, args.seed)
+    records = [result.record(u) for u in units]
+    dead = [r.label for r in records if not r.stats.get("max", 0.0) > 0]
+    if dead:
+        print(f"skipping {len(dead)} units that never fire on this corpus: {', '.join(dead[:8])}"
+              + (" ..." if len(dead) > 8 else ""), file=sys.stderr)
+    records = [r for r in records if r.stats.get("max", 0.0) > 0]
+    if not records:
+        raise ValueError("none of the units fires on this corpus: nothing to explain")
+    specs = [x.strip() for x in args.explainer.split(",") if x.strip()]
+    if not specs:
+        raise ValueError("--explainer names no explainer")
+    explained = []  # (record, explanation)
+    backends = []
+    for spec in specs:
+        explainer, backend = _explainer(spec, args, model)
+        backends.append(backend)
+        print(f"explaining with {explainer.name}", file=sys.stderr)
+        step = 8
+        for s in tqdm(range(0, len(records), step), desc=f"explain ({spec})", disable=not progress, unit="batch"):
+            part = records[s:s + step]
+            explained += list(zip(part, explainer.explain_many(part)))
+    endpoint = next((b for b in backends if b is not None and hasattr(b, "request")), None)
+    sim_kind = "likelihood" if args.simulator == "auto" else args.simulator
+    if sim_kind == "json" and endpoint is None:
+        raise ValueError("--simulator json needs an OpenAI-compatible --explainer endpoint")
     needs_sim = bool({"correlation", "causal"} & set(methods))
-    simulator = simulator_for(backend if sim_kind == "json" else model, sim_kind) if needs_sim else None
+    simulator = simulator_for(endpoint if sim_kind == "json" else model, sim_kind) if needs_sim else None
     judge = None
     if {"detection", "fuzzing"} & set(methods):
         from .backends import LocalChatBackend
 
-        judge = backend if backend is not None else LocalChatBackend(model)
+        judge = endpoint if endpoint is not None else LocalChatBackend(model)
     causal = None
     if "causal" in methods:
         from .causal import CausalScorer
 
         causal = CausalScorer(model, args.hook, simulator)
     corpus_label = f"{args.corpus} ({corpus.n_windows}x{corpus.ctx_len}, seed {args.seed})"
+    scorer_name = ",".join(n for n in (getattr(simulator, "name", ""), getattr(judge, "name", "")) if n)
     ids = []
     with ExplanationStore(db) as store:
-        for rec, ex in tqdm(list(zip(records, explanations)), desc="score", disable=not progress, unit="unit"):
-            uid = store.add_unit(rec, args.model, corpus_label, corpus.fingerprint)
-            eid = store.add_explanation(uid, ex)
+        unit_ids = {}
+        for rec, ex in tqdm(explained, desc="score", disable=not progress, unit="explanation"):
+            if rec.unit not in unit_ids:
+                unit_ids[rec.unit] = store.add_unit(rec, args.model, corpus_label, corpus.fingerprint)
+            eid = store.add_explanation(unit_ids[rec.unit], ex)
             with torch.no_grad():
                 sc = score_all(ex.text, rec, model.tokenizer, simulator, judge, causal, methods)
-            store.add_scores(eid, sc, getattr(simulator, "name", "") or getattr(judge, "name", ""))
+            store.add_scores(eid, sc, scorer_name)
             ids.append(eid)
         rows = store.explanations(ids=ids)
         print(format_table(rows))
-        means = {m: sum(r.scores[m] for r in rows if r.scores.get(m) is not None) / max(1, sum(r.scores.get(m) is not None for r in rows))
-                 for m in methods}
-    print(f"\n{len(rows)} explanations stored in {db} ({time.time() - t0:.0f} s); mean " +
-          ", ".join(f"{m} {v:.3f}" for m, v in means.items()))
+        print(f"\n{len(rows)} explanations of {len(records)} units stored in {db} ({time.time() - t0:.0f} s)")
+        for spec_name, mean in sorted(_means(rows, methods).items()):
+            print(f"mean {spec_name}: " + ", ".join(f"{m} {v:.3f}" for m, v in mean.items()))
     return 0
+
+
+def _digest(units: list[int]) -> str:
+    import hashlib
+
+    return hashlib.sha256(",".join(map(str, units)).encode()).hexdigest()[:12]
+
+
+def _pick_active(spec: str, result, seed: int) -> list[int]:
+    try:
+        n = int(spec.split(":", 1)[1])
+    except ValueError:
+        raise ValueError(f"--units active:N needs an integer N, got {spec!r}") from None
+    alive = [u for i, u in enumerate(result.units) if float(result.stats["max"][i]) > 0
+             and int(round(float(result.stats["window_density"][i]) * result.tokens.shape[0])) >= 2]
+    if n < 1 or n > len(alive):
+        raise ValueError(f"--units {spec}: only {len(alive)} units fire in at least two windows of the corpus")
+    return sorted(random.Random(seed).sample(alive, n))
+
+
+def _means(rows, methods) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for name in dict.fromkeys(r.explainer for r in rows):
+        sub = [r for r in rows if r.explainer == name]
+        out[name] = {}
+        for m in methods:
+            vals = [r.scores[m] for r in sub if r.scores.get(m) is not None]
+            if vals:
+                out[name][m] = sum(vals) / len(vals)
+    return out
 
 
 def show(args) -> int:
@@ -215,12 +280,14 @@ def show(args) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, model=None) -> int:
+    """Run ``tdb-lens explain``; ``model``: an already loaded model to use instead of ``--model``'s
+    (an SAE given with ``--sae`` is attached for the run and removed after)."""
     args = build_parser().parse_args(argv)
     try:
         if args.search or args.list:
             return show(args)
-        return run(args)
+        return run(args, model)
     except (ValueError, KeyError, FileNotFoundError, ImportError) as e:
         print(f"tdb-lens explain: error: {e}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from .harvest import UnitRecord
-from .prompts import EXPLANATION_PREFILL, clean_explanation, explainer_messages, trim_window
+from .prompts import EXPLANATION_PREFILL, LIST_PREFILL, clean_explanation, explainer_messages, show_token, trim_window
 
 
 @dataclass
@@ -38,24 +38,46 @@ def windows_of(record: UnitRecord, tokenizer, which: str = "top", n: Optional[in
 
 
 class LLMExplainer:
-    def __init__(self, backend, tokenizer, n_examples: int = 6, keep_tokens: Optional[int] = 24,
-                 max_tokens: int = 24, nonzero_summary: bool = True) -> None:
+    """Explanations from a chat backend. ``style="fewshot"`` (default): Bills et al.'s format after
+    one worked example, answer prefilled with "This unit responds to". ``style="list"``: no worked
+    example; the prompt also names the strongest tokens and asks what they have in common, answer
+    prefilled with "These tokens are" (what `for_local_model` picks: SmolLM2-135M copies the
+    worked example's answer otherwise)."""
+
+    STYLES = ("fewshot", "list")
+
+    def __init__(self, backend, tokenizer, n_examples: int = 5, keep_tokens: Optional[int] = 16,
+                 max_tokens: int = 24, nonzero_summary: bool = True, style: str = "fewshot") -> None:
+        if style not in self.STYLES:
+            raise ValueError(f"style must be one of {self.STYLES}, got {style!r}")
+        if n_examples < 1:
+            raise ValueError(f"n_examples must be >= 1, got {n_examples}")
         self.backend = backend
         self.tokenizer = tokenizer
         self.n_examples = n_examples
         self.keep_tokens = keep_tokens
         self.max_tokens = max_tokens
         self.nonzero_summary = nonzero_summary
+        self.style = style
+        self.prefill = EXPLANATION_PREFILL if style == "fewshot" else LIST_PREFILL
         self.name = f"llm:{getattr(backend, 'name', type(backend).__name__)}"
+
+    @classmethod
+    def for_local_model(cls, backend, tokenizer, **kw) -> "LLMExplainer":
+        return cls(backend, tokenizer, style=kw.pop("style", "list"), **kw)
 
     def messages(self, record: UnitRecord) -> list[dict]:
         wins = [trim_window(t, a, self.keep_tokens) for t, a in windows_of(record, self.tokenizer, "top", self.n_examples)]
-        return explainer_messages([w[0] for w in wins], [w[1] for w in wins], self.nonzero_summary)
+        top = TopTokensExplainer(self.tokenizer, n_tokens=6, n_examples=self.n_examples).top_tokens(record) \
+            if self.style == "list" else None
+        return explainer_messages([w[0] for w in wins], [w[1] for w in wins], self.nonzero_summary,
+                                  fewshot=self.style == "fewshot", top_tokens=top)
 
     def explain_many(self, records: Sequence[UnitRecord]) -> list[Explanation]:
         convs = [self.messages(r) for r in records]
-        raws = self.backend.complete_many(convs, max_tokens=self.max_tokens, prefill=EXPLANATION_PREFILL)
-        return [Explanation(clean_explanation(raw), self.name, r.unit, r.hook, raw) for r, raw in zip(records, raws)]
+        raws = self.backend.complete_many(convs, max_tokens=self.max_tokens, prefill=self.prefill)
+        return [Explanation(clean_explanation(raw, self.prefill), self.name, r.unit, r.hook, raw, {"style": self.style})
+                for r, raw in zip(records, raws)]
 
     def explain(self, record: UnitRecord) -> Explanation:
         return self.explain_many([record])[0]
@@ -81,7 +103,7 @@ class TopTokensExplainer:
         for toks, acts in wins:
             for t, a in zip(toks, acts):
                 if a > 0:
-                    weight[t.strip() or t] += a / peak
+                    weight[show_token(t.strip() or t)] += a / peak
         return [t for t, _ in sorted(weight.items(), key=lambda kv: (-kv[1], kv[0]))[: self.n_tokens]]
 
     def explain(self, record: UnitRecord) -> Explanation:

@@ -87,33 +87,43 @@ def trim_window(tokens: Sequence[str], acts: Sequence[float], keep: Optional[int
 
 # ---- explainer --------------------------------------------------------------------------------
 def explainer_messages(tokens: Sequence[Sequence[str]], acts: Sequence[Sequence[float]],
-                       nonzero_summary: bool = True) -> list[dict]:
-    """Chat messages asking for an explanation of a unit from its examples (one worked example first)."""
-    fs_vals = FEWSHOT_ACTS
+                       nonzero_summary: bool = True, fewshot: bool = True,
+                       top_tokens: Optional[Sequence[str]] = None) -> list[dict]:
+    """Chat messages asking for an explanation of a unit from its examples.
 
-    def user(toks, vals):
+    ``fewshot``: one worked example first (Bills et al. show several). ``top_tokens``: also name
+    the tokens with the strongest responses and ask what they have in common (the form that
+    SmolLM2-135M answers best: with the worked example it tends to copy the example's answer).
+    """
+
+    def user(toks, vals, top=None):
         text = "Excerpts with the unit's responses:\n" + format_records(toks, vals)
         if nonzero_summary:
             text += "\n\nThe same responses, only the tokens above 0:\n" + format_nonzero(toks, vals)
+        if top:
+            return text + "\n\nThe tokens with the strongest responses: " + ", ".join(top) + \
+                ".\nWhat do these tokens have in common? Answer in a few words."
         return text + "\n\nIn one short phrase, what does this unit respond to?"
 
-    scaled = scale_acts(acts)
-    return [
-        {"role": "system", "content": EXPLAINER_SYSTEM},
-        {"role": "user", "content": user(FEWSHOT_TOKENS, fs_vals)},
-        {"role": "assistant", "content": f"This unit responds to {FEWSHOT_EXPLANATION}."},
-        {"role": "user", "content": user(tokens, scaled)},
-    ]
+    msgs = [{"role": "system", "content": EXPLAINER_SYSTEM}]
+    if fewshot:
+        msgs += [{"role": "user", "content": user(FEWSHOT_TOKENS, FEWSHOT_ACTS)},
+                 {"role": "assistant", "content": f"{EXPLANATION_PREFILL} {FEWSHOT_EXPLANATION}."}]
+    msgs.append({"role": "user", "content": user(tokens, scale_acts(acts), top_tokens)})
+    return msgs
 
 
 EXPLANATION_PREFILL = "This unit responds to"
+LIST_PREFILL = "These tokens are"
 
 
-def clean_explanation(text: str) -> str:
+def clean_explanation(text: str, prefill: str = EXPLANATION_PREFILL) -> str:
     """The first sentence of a generated explanation, without the prefill or quotes."""
     t = text.strip()
-    if t.lower().startswith(EXPLANATION_PREFILL.lower()):
-        t = t[len(EXPLANATION_PREFILL):].strip()
+    for p in (prefill, EXPLANATION_PREFILL):
+        if p and t.lower().startswith(p.lower()):
+            t = t[len(p):].strip()
+            break
     for stop in ("\n", ". ", "<|"):
         if stop in t:
             t = t.split(stop)[0]
