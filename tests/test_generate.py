@@ -63,8 +63,37 @@ def test_batched_left_padded_text_generation_equals_transformers():
         alone = model.generate(t, max_new_tokens=8, stop_at_eos=False, return_type="tokens")
         assert torch.equal(alone[0, -8:], out[i, -8:])
     texts_out = model.generate(texts, max_new_tokens=8, stop_at_eos=False)
-    # the text continues each prompt (whether or not the BOS text is kept in front of it)
-    assert [s.removeprefix("<|endoftext|>").startswith(t) for s, t in zip(texts_out, texts)] == [True] * 3
+    # the text continues each prompt; the BOS that to_tokens prepended is not in it (as TransformerLens)
+    assert [s.startswith(t) for s, t in zip(texts_out, texts)] == [True] * 3
+    full_mask = torch.cat([mask, torch.ones(len(texts), 8, dtype=mask.dtype)], dim=1).bool()  # nothing stopped
+    for i, s in enumerate(texts_out):
+        assert s == model.to_string(out[i][full_mask[i]][1:])
+        assert out[i][full_mask[i]][0] == model.tokenizer.bos_token_id  # what was dropped is that BOS
+
+
+def test_text_generation_drops_only_the_prepended_bos():
+    """TransformerLens returns the decoded continuation without the BOS it prepended. Reference: the
+    tokens generate returns for the same call, decoded without that first id."""
+    _, model = models()
+    bos_text = model.tokenizer.decode([model.tokenizer.bos_token_id])
+    assert bos_text == "<|endoftext|>"
+    text = "The capital of France is"
+    toks = model.generate(text, max_new_tokens=6, stop_at_eos=False, return_type="tokens")
+    assert toks[0, 0] == model.tokenizer.bos_token_id
+    out = model.generate(text, max_new_tokens=6, stop_at_eos=False)
+    assert isinstance(out, str) and out.startswith(text) and out == model.to_string(toks[0, 1:])
+    # without a prepended BOS nothing is dropped
+    toks_nb = model.generate(text, max_new_tokens=6, stop_at_eos=False, prepend_bos=False, return_type="tokens")
+    assert toks_nb[0, 0] != model.tokenizer.bos_token_id
+    out_nb = model.generate(text, max_new_tokens=6, stop_at_eos=False, prepend_bos=False)
+    assert out_nb.startswith(text) and out_nb == model.to_string(toks_nb[0])
+    # a BOS the caller wrote into the text is the caller's: kept, whether or not one is prepended
+    own = bos_text + text
+    assert model.generate(own, max_new_tokens=6, stop_at_eos=False).startswith(own)
+    assert model.generate(own, max_new_tokens=6, stop_at_eos=False, prepend_bos=False).startswith(own)
+    # token input returns tokens; asked for text, it is all of them decoded (nothing was prepended)
+    as_text = model.generate(toks[:, :5], max_new_tokens=3, stop_at_eos=False, return_type="str")
+    assert as_text[0].startswith(bos_text)
 
 
 def test_stop_tokens_stop_generation():

@@ -195,3 +195,48 @@ def test_peak_memory_while_loading_gpt2_small_size(tmp_path):
           f"= {ratio:.2f}x the model")
     assert r["size"] > 450 * 2**20
     assert ratio < 1.6
+
+
+@torch.no_grad()
+def test_gpt2_tokenizer_attached_only_when_the_vocabulary_is_gpt2s(checkpoint):
+    """A checkpoint whose vocabulary is not GPT-2's 50257 ids gets no tokenizer (GPT-2's would map text
+    to ids the model does not have, or to the wrong rows); text input then says why."""
+    from tdb_lens.tokenizer import Tokenizer, gpt2_tokenizer
+
+    hf, ref = hf_and_logits()
+    assert hf.config.vocab_size == 1000
+    for model in (HookedGPT2.from_pretrained(checkpoint), HookedGPT2.from_hf_model(hf),
+                  HookedGPT2.from_config(n_layers=1, d_model=8, n_heads=2, d_mlp=16, n_ctx=8, d_vocab=1000)):
+        assert model.tokenizer is None
+        for use_text in (lambda m: m("Hello world"), lambda m: m.to_tokens("Hello world"),
+                         lambda m: m.generate("Hello", max_new_tokens=2), lambda m: m.to_string([1, 2])):
+            with pytest.raises(ValueError, match=r"no tokenizer \(its vocabulary has 1000 tokens, GPT-2's tokenizer "
+                                                 r"50257, so none was attached\): pass token ids, or set model.tokenizer"):
+                use_text(model)
+    # token ids still work, with the same logits
+    assert max_diff(HookedGPT2.from_pretrained(checkpoint)(TOKENS), ref) < 1e-5
+
+    # an explicit tokenizer is attached whatever the vocabulary
+    class Toy(Tokenizer):
+        bos_token_id = eos_token_id = pad_token_id = 999
+        vocab_size = 1000
+
+        def encode(self, text):
+            return [ord(c) % 999 for c in text]
+
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    toy = Toy()
+    model = HookedGPT2.from_pretrained(checkpoint, tokenizer=toy)
+    assert model.tokenizer is toy and model.to_tokens("ab").tolist() == [[999, 97, 98]]
+    assert HookedGPT2.from_hf_model(hf, tokenizer=toy).tokenizer is toy
+
+    # GPT-2's vocabulary: GPT-2's tokenizer is attached, and encodes as transformers' GPT-2 tokenizer does
+    from _gpt2_reference import hf_tokenizer
+
+    big = make_hf_gpt2(seed=1, vocab_size=50257)
+    for model in (HookedGPT2.from_hf_model(big), HookedGPT2.from_config(n_layers=1, d_model=8, n_heads=2, d_mlp=16, n_ctx=8)):
+        assert model.tokenizer is gpt2_tokenizer()
+        text = "Hello world, it's 2024!"
+        assert model.to_tokens(text, prepend_bos=False)[0].tolist() == hf_tokenizer().encode(text)

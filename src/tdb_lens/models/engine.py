@@ -45,7 +45,9 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
 
     def _tok(self) -> Tokenizer:
         if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer: pass token ids, or set model.tokenizer")
+            why = getattr(self, "_no_tokenizer_reason", None)
+            raise ValueError("this model has no tokenizer" + (f" ({why})" if why else "")
+                             + ": pass token ids, or set model.tokenizer")
         return self.tokenizer
 
     # ---- tokenising -------------------------------------------------------------------------
@@ -330,7 +332,13 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
                     break
         if return_type == "tokens" or (return_type == "auto" and not from_text):
             return out
-        texts = [self.to_string(row[m.bool()]) for row, m in zip(out, mask)]
+        # as TransformerLens: the BOS that to_tokens prepended to text input is not part of the answer
+        # (a BOS the caller wrote into the text, or passed as a token id, is kept)
+        skip = 0
+        if from_text:
+            bos_added = self._tok().default_prepend_bos if prepend_bos is None else prepend_bos
+            skip = 1 if bos_added else 0
+        texts = [self.to_string(row[m.bool()][skip:]) for row, m in zip(out, mask)]
         return texts[0] if isinstance(input, str) else texts
 
     @staticmethod

@@ -136,6 +136,9 @@ class GPT2MLP(nn.Module):
     b_out = property(lambda self: self.c_proj.bias)
 
 
+GPT2_VOCAB_SIZE = 50257  # GPT-2's tokenizer; attached by default only to models with this vocabulary
+
+
 class HookedGPT2(HookedTransformer):
     """GPT-2 with TransformerLens hook names. Logits equal ``transformers``' (no weight processing)."""
 
@@ -193,7 +196,7 @@ class HookedGPT2(HookedTransformer):
         cfg = cfg or GPT2Config(**kw)
         if seed is not None:
             torch.manual_seed(seed)
-        model = cls(cfg, tokenizer if tokenizer is not None else (gpt2_tokenizer() if cfg.d_vocab == 50257 else None))
+        model = cls._with_default_tokenizer(cfg, tokenizer)
         for name, p in model.named_parameters():
             if name.endswith("weight") and p.ndim == 2:
                 nn.init.normal_(p, 0.0, cfg.init_range)
@@ -254,10 +257,24 @@ class HookedGPT2(HookedTransformer):
 
     @classmethod
     def _load(cls, cfg, source, dtype, device, tokenizer, what: str) -> "HookedGPT2":
-        tok = tokenizer if tokenizer is not None else gpt2_tokenizer()
-        model = load_state_into(lambda: cls(cfg, tok), source, cls._rename, dtype=dtype, what=what)
+        model = load_state_into(lambda: cls._with_default_tokenizer(cfg, tokenizer), source, cls._rename,
+                                dtype=dtype, what=what)
         model.setup()
         return model.to(device)
+
+    @classmethod
+    def _with_default_tokenizer(cls, cfg: GPT2Config, tokenizer: Optional[Tokenizer]) -> "HookedGPT2":
+        """The model with ``tokenizer``, else GPT-2's own when the vocabulary is GPT-2's (50257 ids),
+        else none (text input then raises, saying why)."""
+        if tokenizer is not None:
+            return cls(cfg, tokenizer)
+        if cfg.d_vocab == GPT2_VOCAB_SIZE:
+            return cls(cfg, gpt2_tokenizer())
+        model = cls(cfg, None)
+        model._no_tokenizer_reason = (
+            f"its vocabulary has {cfg.d_vocab} tokens, GPT-2's tokenizer {GPT2_VOCAB_SIZE}, so none was attached"
+        )
+        return model
 
     def hf_config(self) -> dict:
         return self.cfg.to_hf()
