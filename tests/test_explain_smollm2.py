@@ -109,7 +109,7 @@ def test_cli_end_to_end_neurons_and_sae_latents(smol, tmp_path, capsys):
         rows = store.explanations()
         assert len(rows) == 8 and all(r.scores.get("correlation") is not None for r in rows)
         assert {r.kind for r in rows} == {"neuron", "sae_latent"}
-        assert {r.explainer for r in rows} == {"llm:local:" + LocalChatBackend(smol).name[len("local:"):], "top-tokens"}
+        assert {r.explainer for r in rows} == {"llm:local:smollm2-135m", "top-tokens"}
         latent = next(r for r in rows if r.kind == "sae_latent")
         assert latent.label.startswith("blocks.3.hook_resid_post:F")
         assert store.examples(latent.unit_id, "top")  # examples stored with the unit

@@ -143,8 +143,12 @@ def test_prompt_clusters(planted, embedder, tmp_path):
                                  embedder=embedder)
         assert sum(len(c.members) for c in groups) == len(units)
         city = [c for c in groups if any(m["label"] == "L0.N3" for m in c.members)][0]
-        assert {m["text"] for m in city.members} >= {"names of cities", "countries and capital cities"} or \
-            len(city.members) == 1
+        # MiniLM puts "names of cities" and "countries and capital cities" at cosine 0.67, every other
+        # pair below 0.2: those two share a cluster when both fire, everything else stays alone
+        if "L0.N9" in {u["label"] for u in units}:
+            assert {m["label"] for m in city.members} == {"L0.N3", "L0.N9"}
+        assert city.title in ("names of cities", "countries and capital cities")
+        assert all(len(c.members) == 1 for c in groups if c is not city)
         with pytest.raises(ValueError, match="no explanations"):
             prompt_units(model, prompt, store, model_name="other-model")
 

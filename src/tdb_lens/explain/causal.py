@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from jaxtyping import Float, Int
 
 from .explainer import windows_of
 from .harvest import UnitRecord
@@ -68,9 +69,11 @@ class CausalScorer:
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def effects(self, tokens: torch.Tensor, unit: int, value: float = 0.0) -> torch.Tensor:
+    def effects(self, tokens: Int[torch.Tensor, "n ctx"], unit: int, value: float = 0.0) -> Float[torch.Tensor, "n ctx"]:
         """``[n, ctx]`` KL(clean || unit ablated) of the next-token distribution at each position."""
         m = self.model
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [n, ctx], got shape {tuple(tokens.shape)}")
         out = []
 
         def ablate(act, hook):  # noqa: ARG001

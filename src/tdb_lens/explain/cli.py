@@ -107,6 +107,7 @@ def _explainer(spec: str, args, model):
         return TopTokensExplainer(model.tokenizer), None
     if spec == "local":
         backend = LocalChatBackend(model, progress=not args.no_progress)
+        backend.name = f"local:{args.model}"
     elif spec.startswith(("http://", "https://", "openai:")):
         backend = backend_from_spec(spec, endpoint_model=args.explainer_model, api_key_env=args.api_key_env)
     else:
@@ -198,11 +199,15 @@ def _run(args, model, methods, progress, t0) -> int:
         raise ValueError("--simulator json needs an OpenAI-compatible --explainer endpoint")
     needs_sim = bool({"correlation", "causal"} & set(methods))
     simulator = simulator_for(endpoint if sim_kind == "json" else model, sim_kind) if needs_sim else None
+    if simulator is not None and sim_kind != "json":
+        simulator.name = f"{sim_kind}:{args.model}"
     judge = None
     if {"detection", "fuzzing"} & set(methods):
         from .backends import LocalChatBackend
 
         judge = endpoint if endpoint is not None else LocalChatBackend(model)
+        if endpoint is None:
+            judge.name = f"local:{args.model}"
     causal = None
     if "causal" in methods:
         from .causal import CausalScorer
