@@ -305,3 +305,34 @@ def test_generation_cache_no_cache_and_transformers_agree(pair):
     assert with_cache.shape == (2, 21)
     assert torch.equal(with_cache, without)
     assert torch.equal(with_cache, ref)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_score_hook_masking_a_whole_row_matches_transformer_lens(tl_pair, grad):
+    """A hook that masks every key of one query row: that row attends to nothing (pattern and z zero), as
+    in transformer_lens (which also maps the NaN softmax row to zeros); with autograd on, backward stays finite."""
+    ours, tl, _ = tl_pair
+    tokens = _tokens(2, 12, seed=13)
+
+    def kill_row(scores, hook):
+        scores = scores.clone()
+        scores[:, 2, 5, :] = float("-inf")  # query head 2 (GQA: reads kv head 1), query position 5
+        return scores
+
+    name = "blocks.1.attn.hook_attn_scores"
+    names = lambda n: n.endswith(("hook_pattern", "hook_z"))  # noqa: E731
+    with torch.set_grad_enabled(grad):
+        with ours.hooks(fwd_hooks=[(name, kill_row)]):
+            our_logits, our_cache = ours.run_with_cache(tokens, names_filter=names)
+        with tl.hooks(fwd_hooks=[(name, kill_row)]):
+            tl_logits, tl_cache = tl.run_with_cache(tokens, names_filter=names)
+        if grad:
+            our_logits.sum().backward()
+            assert all(torch.isfinite(p.grad).all() for p in ours.parameters() if p.grad is not None)
+            ours.zero_grad(set_to_none=True)
+    assert torch.equal(our_cache["blocks.1.attn.hook_pattern"][:, 2, 5], torch.zeros(2, 12))
+    assert torch.equal(our_cache["blocks.1.attn.hook_z"][:, 5, 2], torch.zeros(2, ours.cfg.d_head))
+    assert our_cache["blocks.1.attn.hook_pattern"][:, 2, 4].sum(-1).allclose(torch.ones(2))
+    for key in our_cache:
+        torch.testing.assert_close(our_cache[key], tl_cache[key], atol=ATOL, rtol=0)
+    torch.testing.assert_close(our_logits.detach(), tl_logits.detach(), atol=ATOL, rtol=0)

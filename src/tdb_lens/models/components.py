@@ -228,16 +228,32 @@ class Attention(nn.Module):
             )
         else:
             if gqa:
-                rep = self.n_heads // self.n_kv_heads
-                kh, vh = kh.repeat_interleave(rep, dim=1), vh.repeat_interleave(rep, dim=1)
+                # query heads sharing a key/value head are consecutive (head i reads kv head i // rep):
+                # fold them into the query axis, [b, h, p, d] -> [b, kv, rep * p, d], instead of copying
+                # the keys and values once per query head
+                kv, rep = self.n_kv_heads, self.n_heads // self.n_kv_heads
+                scores = (qh.reshape(b, kv, rep * p, self.d_head) @ kh.transpose(-1, -2)).view(b, self.n_heads, p, k_len)
+            else:
+                scores = qh @ kh.transpose(-1, -2)
             # the scores are a fresh tensor here (before their hook): scale and mask it in place
-            scores = (qh @ kh.transpose(-1, -2)).mul_(self.scale)
+            scores.mul_(self.scale)
             scores.masked_fill_(~ctx.allowed(p, k_len, q.device, explicit=True), float("-inf"))
+            scores_hooked = self.hook_attn_scores.has_hooks
             scores = self.hook_attn_scores(scores)
-            # a row with no allowed key -> zeros; not in place: softmax keeps its output for backward
-            pattern = torch.softmax(scores, dim=-1).nan_to_num(nan=0.0)
+            pattern = torch.softmax(scores, dim=-1)
+            # every row has an allowed key (`ForwardContext.allowed`), so only a hook on the scores can
+            # leave a row all -inf (softmax: NaN): such a row attends to nothing (zeros). softmax's
+            # output is fresh, so that is done in place unless autograd keeps it for backward
+            if scores_hooked:
+                if torch.is_grad_enabled() and pattern.requires_grad:
+                    pattern = pattern.nan_to_num(nan=0.0)
+                else:
+                    pattern.nan_to_num_(nan=0.0)
             pattern = self.hook_pattern(pattern)
-            z = pattern @ vh
+            if gqa:
+                z = (pattern.reshape(b, kv, rep * p, k_len) @ vh).view(b, self.n_heads, p, self.d_head)
+            else:
+                z = pattern @ vh
         z = self.hook_z(z.transpose(1, 2))  # [b, p, h, d_head]
         if self.use_attn_result:
             result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
