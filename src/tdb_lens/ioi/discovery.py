@@ -231,7 +231,7 @@ def attribution_by_position(ctx: IOIContext) -> dict[str, HeadScores]:
 
 
 def path_patch_to_queries(ctx: IOIContext, senders: Sequence[Head], receivers: Sequence[Head],
-                          rows: Optional[torch.Tensor] = None) -> dict[Head, float]:
+                          rows: Optional[torch.Tensor] = None, progress: bool = True) -> dict[Head, float]:
     """Change in mean logit difference when each sender's output is its ABC value along the path
     into the receivers' queries only (the IOI paper's appendix: other heads frozen to their clean
     values, MLPs recomputed). Negative: the sender's clean output helps through those queries."""
@@ -242,7 +242,8 @@ def path_patch_to_queries(ctx: IOIContext, senders: Sequence[Head], receivers: S
     a = ctx.abc if rows is None else ctx.abc[rows]
     values = path_patch(ctx.model, b.tokens, a.tokens, ioi_metric(b), [Node.head(l, h) for l, h in senders],
                         receivers=[Node.head(l, h, site="q") for l, h in receivers], direction="noise",
-                        normalise=False, clean_mask=b.attention_mask, corrupted_mask=a.attention_mask)
+                        normalise=False, clean_mask=b.attention_mask, corrupted_mask=a.attention_mask,
+                        progress=progress)
     base = float((ctx.clean_ld if rows is None else ctx.clean_ld[rows]).mean())
     return {h: float(v) - base for h, v in zip(senders, values)}
 
@@ -253,6 +254,9 @@ def head_detector_scores(model: HookedTransformer, n_seqs: int = 8, seq_len: int
     Each score is the mean attention, over the second repeat, to the position it names: the one
     after the previous occurrence of the current token (induction), that previous occurrence
     (duplicate token), or, over every position but the first, the previous position."""
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if n_ctx is not None:
+        seq_len = min(seq_len, n_ctx // 2)  # two repeats must fit the context
     g = torch.Generator().manual_seed(seed)
     lo = 1000 if model.cfg.d_vocab > 5000 else 0
     rand = torch.randint(lo, model.cfg.d_vocab - 1, (n_seqs, seq_len), generator=g)
@@ -351,6 +355,7 @@ def discover(
     prune_trials: int = 8,
     with_minimality: bool = True,
     progress: Callable[[str], None] = lambda s: None,
+    progress_bars: bool = True,
 ) -> IOICircuit:
     """Classify heads as the IOI paper does, then complete and prune the circuit (module doc).
 
@@ -379,7 +384,7 @@ def discover(
     cand = [h for h in _ranked(indirect, chosen, small)
             if classes["name_mover"] and h[0] < max(l for l, _ in classes["name_mover"])][:n_path_candidates]
     progress(f"path patching {len(cand)} heads into the name movers' queries")
-    pp = path_patch_to_queries(ctx, cand, classes["name_mover"], rows=search)
+    pp = path_patch_to_queries(ctx, cand, classes["name_mover"], rows=search, progress=progress_bars)
     for h, v in pp.items():
         log.append(f"path patching {head_str(h)} -> name-mover queries: {v:+.3f}")
     classes["s_inhibition"] = sorted((h for h in pp if pp[h] < -small), key=lambda h: pp[h])[:n_s_inhibition]

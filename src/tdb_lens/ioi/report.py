@@ -109,13 +109,13 @@ def run_ioi(
     with torch.no_grad():
         logits = model(batch.tokens, attention_mask=batch.attention_mask)
     ld = logit_diff(logits, batch, per_prompt=True).cpu()
-    acc = accuracy(logits, batch, per_prompt=True).cpu()
+    acc = accuracy(logits, batch, per_prompt=True).float().cpu()
     prob = io_probability(logits, batch, per_prompt=True).cpu()
     del logits
     phase("ABC corruption and per-template means")
     ctx = IOIContext.from_dataset(model, dataset)
     circuit = discover(ctx, max_heads=max_heads, target_faithfulness=target_faithfulness,
-                       with_minimality=with_minimality, progress=phase)
+                       with_minimality=with_minimality, progress=phase, progress_bars=progress)
     bar.update(1)
     bar.close()
     per_template = _per_template(dataset, ld, acc)
