@@ -11,8 +11,11 @@ attached. Two hooks on SmolLM2-135M-Instruct (offline GGUF):
   faster than a full forward.
 
 The two alternate run by run (median of ``--reps``), so changes in machine load hit both alike.
+Both wall-clock and process CPU time are recorded: on a shared machine the wall-clock ratio
+swings with other people's load, and the CPU-time ratio (work done by this process) is the
+steadier figure.
 
-    .venv/bin/python bench/bench_harvest.py [--windows 64] [--ctx 64] [--batch 16] [--reps 3] [--threads 2]
+    .venv/bin/python bench/bench_harvest.py [--windows 32] [--ctx 64] [--batch 16] [--reps 5] [--threads 2]
 
 Prints a table and writes bench/results/bench_harvest.json.
 """
@@ -37,10 +40,10 @@ from tdb_lens.explain.harvest import harvest
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--windows", type=int, default=64)
+    p.add_argument("--windows", type=int, default=32)
     p.add_argument("--ctx", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--hooks", default="blocks.29.mlp.hook_post,blocks.3.mlp.hook_post")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_harvest.json"))
@@ -64,30 +67,37 @@ def main(argv=None) -> int:
     try:
         bare()  # warm up
         for hook in [h.strip() for h in args.hooks.split(",") if h.strip()]:
-            t_bare, t_harv = [], []
+            t_bare, t_harv, c_bare, c_harv = [], [], [], []
             for rep in range(args.reps):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 bare()
                 t_bare.append(time.perf_counter() - t)
+                c_bare.append(time.process_time() - c)
                 d = tmp / f"{hook}-{rep}"
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 res = harvest(model, corpus, hook, d, batch_size=args.batch, progress=False)
                 t_harv.append(time.perf_counter() - t)
+                c_harv.append(time.process_time() - c)
                 assert res.complete
                 n_units = len(res.units)
                 shutil.rmtree(d)
             mb, mh = statistics.median(t_bare), statistics.median(t_harv)
+            cb, ch = statistics.median(c_bare), statistics.median(c_harv)
             results["hooks"][hook] = {
                 "units": n_units, "bare_forward_s": mb, "harvest_s": mh, "bare_tokens_per_s": n_tokens / mb,
                 "harvest_tokens_per_s": n_tokens / mh, "ratio_harvest_over_bare": mb / mh,
-                "bare_s_all": t_bare, "harvest_s_all": t_harv,
+                "bare_cpu_s": cb, "harvest_cpu_s": ch, "bare_tokens_per_cpu_s": n_tokens / cb,
+                "harvest_tokens_per_cpu_s": n_tokens / ch, "ratio_cpu_time": cb / ch,
+                "bare_s_all": t_bare, "harvest_s_all": t_harv, "bare_cpu_s_all": c_bare, "harvest_cpu_s_all": c_harv,
             }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{'hook':<28} {'units':>6} {'bare tok/s':>11} {'harvest tok/s':>14} {'ratio':>6}")
+    print(f"{'hook':<28} {'units':>6} {'bare tok/s':>11} {'harvest tok/s':>14} {'ratio':>6} "
+          f"{'bare tok/cpu-s':>15} {'harvest tok/cpu-s':>18} {'cpu ratio':>9}")
     for hook, r in results["hooks"].items():
         print(f"{hook:<28} {r['units']:>6} {r['bare_tokens_per_s']:>11.0f} {r['harvest_tokens_per_s']:>14.0f} "
-              f"{r['ratio_harvest_over_bare']:>6.2f}")
+              f"{r['ratio_harvest_over_bare']:>6.2f} {r['bare_tokens_per_cpu_s']:>15.0f} "
+              f"{r['harvest_tokens_per_cpu_s']:>18.0f} {r['ratio_cpu_time']:>9.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))

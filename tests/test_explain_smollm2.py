@@ -1,7 +1,7 @@
 """Explanations with the real SmolLM2-135M-Instruct, offline: the planted city unit scored by the
 likelihood simulator (true explanation >= 0.7, unrelated <= 0.2), the all-at-once simulator's KV
-cache and batching against one uncached forward, the local explainer and judge (a padded batch
-equals one-by-one), and `tdb-lens explain` end to end on MLP neurons and SAE latents: stored,
+cache and batching against one uncached forward, the local judge (a padded batch equals
+one-by-one), and `tdb-lens explain` end to end on MLP neurons and SAE latents: stored,
 scored and searchable."""
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from _explain_planted import CITIES, PLANT_HOOK, PLANT_UNIT, planted_corpus, pla
 from _explain_sae import quick_sae
 from tdb_lens.explain.backends import LocalChatBackend
 from tdb_lens.explain.corpus import build_corpus, default_corpus_path
-from tdb_lens.explain.explainer import LLMExplainer
 from tdb_lens.explain.harvest import harvest
 from tdb_lens.explain.prompts import detection_messages
 from tdb_lens.explain.scoring import correlation_score
@@ -71,12 +70,8 @@ def test_all_at_once_cache_and_batching_match_one_forward(smol):
         assert all(0 <= v <= sim.scale_max for v in got)
 
 
-def test_local_explainer_and_judge(smol, planted):
-    pm, rec = planted
+def test_local_judge_batch_equals_one_by_one(smol):
     backend = LocalChatBackend(smol)
-    ex = LLMExplainer(backend, pm.tokenizer, n_examples=4, keep_tokens=12, max_tokens=16).explain(rec)
-    print(f"\nSmolLM2's explanation of the planted city unit: {ex.text!r} (raw {ex.raw!r})")
-    assert ex.text and ex.text != "(no explanation)" and ex.explainer.startswith("llm:local:")
     convs = [detection_messages(TRUE, ["We", " flew", " to", " Paris", "."]),
              detection_messages(TRUE, ["The", " soup", " was", " cold", " again", " tonight", "."])]
     both = backend.yes_probability(convs)  # one left-padded batch
@@ -86,8 +81,10 @@ def test_local_explainer_and_judge(smol, planted):
 
 
 def test_cli_end_to_end_neurons_and_sae_latents(smol, tmp_path, capsys):
-    """Two MLP neurons and two latents of a quickly trained SAE (see tests/_explain_sae.py), each
-    explained by SmolLM2 and by the top-token baseline, scored, stored, then found by search."""
+    """One MLP neuron explained by SmolLM2 (a short prompt: 3 windows, 8 tokens of answer) and by the
+    top-token baseline, and one latent of a quickly trained SAE (see tests/_explain_sae.py) by the
+    baseline; scored, stored, then found by search.
+    (The 32 + 32 unit figures come from the same command with --units random:32 / active:32.)"""
     from tdb_lens.explain.cli import main
     from tdb_lens.explain.search import search
     from tdb_lens.explain.store import ExplanationStore
@@ -98,16 +95,17 @@ def test_cli_end_to_end_neurons_and_sae_latents(smol, tmp_path, capsys):
     save_sae(sae, tmp_path / "sae")
     db = tmp_path / "e.db"
     common = ["--corpus", "fortunes", "--n-windows", "64", "--ctx-len", "16", "--k", "8", "--db", str(db),
-              "--explainer", "local,top-tokens", "--no-progress"]
-    assert main(["--hook", "blocks.3.mlp.hook_post", "--units", "random:2", *common], model=smol) == 0
+              "--n-examples", "3", "--explain-tokens", "8", "--no-progress"]
+    assert main(["--hook", "blocks.3.mlp.hook_post", "--units", "random:1", "--explainer", "local,top-tokens",
+                 *common], model=smol) == 0
     assert main(["--hook", "blocks.3.hook_resid_post.hook_sae_acts_post", "--sae", str(tmp_path / "sae"),
-                 "--units", "random:2", *common], model=smol) == 0
+                 "--units", "active:1", "--explainer", "top-tokens", *common], model=smol) == 0
     assert not smol.attached_saes  # the CLI took its SAE off again
     out = capsys.readouterr().out
     assert "mean llm:local:" in out and "mean top-tokens: correlation" in out
     with ExplanationStore(db) as store:
         rows = store.explanations()
-        assert len(rows) == 8 and all(r.scores.get("correlation") is not None for r in rows)
+        assert len(rows) == 3 and all(r.scores.get("correlation") is not None for r in rows)
         assert {r.kind for r in rows} == {"neuron", "sae_latent"}
         assert {r.explainer for r in rows} == {"llm:local:smollm2-135m", "top-tokens"}
         latent = next(r for r in rows if r.kind == "sae_latent")

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explainer", default="local",
                    help="local (SmolLM2 chat), top-tokens (baseline), an OpenAI-compatible base URL, or openai:MODEL@URL; "
                         "several, comma-separated, to compare them on the same units")
+    p.add_argument("--n-examples", type=int, default=5, help="top windows shown to an LLM explainer")
+    p.add_argument("--explain-tokens", type=int, default=24, help="most tokens an LLM explainer may write")
     p.add_argument("--explainer-model", default="gpt-4o-mini", help="model name sent to an OpenAI-compatible endpoint")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the endpoint's key")
     p.add_argument("--simulator", default="auto", choices=("auto", "likelihood", "all-at-once", "json"),
@@ -112,9 +114,10 @@ def _explainer(spec: str, args, model):
         backend = backend_from_spec(spec, endpoint_model=args.explainer_model, api_key_env=args.api_key_env)
     else:
         raise ValueError(f"--explainer must be local, top-tokens, an http(s):// base URL or openai:MODEL@URL, got {spec!r}")
+    kw = {"n_examples": args.n_examples, "max_tokens": args.explain_tokens}
     if spec == "local":
-        return LLMExplainer.for_local_model(backend, model.tokenizer), backend
-    return LLMExplainer(backend, model.tokenizer), backend
+        return LLMExplainer.for_local_model(backend, model.tokenizer, **kw), backend
+    return LLMExplainer(backend, model.tokenizer, **kw), backend
 
 
 def run(args, model=None) -> int:

@@ -336,7 +336,7 @@ def _update(state: _State, acts: torch.Tensor, start: int, units: torch.Tensor, 
     flat = acts.reshape(-1, n)
     state.n_tokens += flat.shape[0]
     state.act_sum += flat.sum(0, dtype=torch.float64)
-    state.act_sqsum += (flat.double() ** 2).sum(0)
+    state.act_sqsum += flat.square().sum(0, dtype=torch.float64)
     state.act_max = torch.maximum(state.act_max, flat.amax(0))
     state.act_min = torch.minimum(state.act_min, flat.amin(0))
     state.n_active += (flat > cfg.threshold).sum(0)
