@@ -200,3 +200,38 @@ def test_llm_explainer_through_endpoint():
         assert ex.text == "city names" and ex.unit == 3 and ex.explainer.startswith("llm:openai:m@")
         shown = srv.requests[0]["messages"][-1]["content"]
         assert " Paris\t10" in shown and " Rome\t5" in shown and "a\t0" in shown  # Bills et al.'s 0-10 scale
+
+
+def test_cli_with_endpoint_explainer_and_json_simulator(tmp_path, capsys, monkeypatch):
+    """`tdb-lens explain --explainer URL --simulator json` on the planted city unit: the endpoint
+    explains and simulates (it marks city tokens), the store gets the scores."""
+    from _explain_planted import CITIES, PLANT_HOOK, PLANT_UNIT, planted_model
+    from tdb_lens.explain.cli import main
+    from tdb_lens.explain.store import ExplanationStore
+
+    def reply(body):
+        last = body["messages"][-1]["content"]
+        if "Tokens:\n" in last:  # a JSON simulation request
+            toks = [t.split("\t", 1)[-1] for t in last.split("Tokens:\n", 1)[1].splitlines()]
+            # the planted unit fires on the space-prefixed city tokens (" London", not "London")
+            return json.dumps([10 if t.startswith(" ") and t.strip() in CITIES else 0 for t in toks])
+        return "This unit responds to names of cities."
+
+    monkeypatch.setenv("TDB_TEST_KEY", "k")
+    model, _ = planted_model()
+    texts = tmp_path / "cities.txt"
+    texts.write_text("\n\n".join(["We flew from Paris to Tokyo and then to Rome.", "The dog slept all day.",
+                                  "London, Berlin and Vienna are old cities.", "Nothing happened on Monday."] * 8))
+    with FakeServer(reply=reply) as srv:
+        rc = main(["--hook", PLANT_HOOK, "--units", f"{PLANT_UNIT}", "--corpus", str(texts), "--n-windows", "12",
+                   "--ctx-len", "12", "--k", "4", "--explainer", srv.url, "--explainer-model", "fake",
+                   "--api-key-env", "TDB_TEST_KEY", "--simulator", "json", "--db", str(tmp_path / "e.db"),
+                   "--no-progress"], model=model)
+        assert rc == 0
+        assert all(h["Authorization"] == "Bearer k" for h in srv.headers)
+    out = capsys.readouterr().out
+    assert "L0.N3" in out and "names of cities" in out
+    with ExplanationStore(tmp_path / "e.db") as store:
+        (row,) = store.explanations()
+        assert row.text == "names of cities" and row.explainer == f"llm:openai:fake@{srv.url}"
+        assert row.scores["correlation"] == pytest.approx(1.0)
