@@ -54,7 +54,7 @@ class IOIReport:
         ld = self.json["logit_diff"]
         figs = {
             "head_patching.png": [
-                self.heatmap("attr_end", f"Attribution patching at END (ABC -> clean), LD {ld:.2f}"),
+                self.heatmap("attr_end", f"attr. patching at END (LD {ld:.2f})"),
                 self.heatmap("attr_s2", "... at S2"),
                 self.heatmap("attr_s1_plus_1", "... at S1+1"),
             ],
