@@ -160,5 +160,6 @@ def score_all(explanation: str, record: UnitRecord, tokenizer, simulator=None, j
             raise ValueError("causal scoring needs a CausalScorer")
         c = causal.score(explanation, record, simulation=sim_for_causal)
         out["causal"] = c.score
-        out["causal_details"] = {"oracle": c.oracle, "n_positions": c.n_positions, "ablation": c.ablation}
+        out["causal_details"] = {"oracle": c.oracle, "mean_effect": c.mean_effect, "n_positions": c.n_positions,
+                                 "ablation": c.ablation}
     return out
