@@ -1,4 +1,6 @@
-"""Indirect object identification (Wang et al. 2022): prompts, batches and metrics."""
+"""Indirect object identification (Wang et al. 2022): prompts, batches and metrics (`data`),
+circuit discovery (`discovery`), the whole reproduction as one call (`report.run_ioi`) and the
+``tdb-lens ioi`` command (`cli`)."""
 
 from .data import (
     ABBA_TEMPLATES,
@@ -19,6 +21,8 @@ from .data import (
     single_token_words,
     tokenize_prompts,
 )
+from .discovery import IOICircuit, IOIContext, discover, head_detector_scores, ioi_metric
+from .report import IOIReport, run_ioi
 
 __all__ = [
     "ABBA_TEMPLATES",
@@ -38,4 +42,11 @@ __all__ = [
     "per_template_groups",
     "single_token_words",
     "tokenize_prompts",
+    "IOIContext",
+    "IOICircuit",
+    "discover",
+    "head_detector_scores",
+    "ioi_metric",
+    "IOIReport",
+    "run_ioi",
 ]
