@@ -179,3 +179,22 @@ def test_completeness_and_minimality_identities(ctx):
     f = ctx.circuit_ld(keep)
     assert set(mini) == {"0.0", "1.2"}
     assert mini["1.2"] == pytest.approx(abs(f - ctx.circuit_ld({(0, 0)})) / abs(f), rel=1e-5)
+
+
+def test_gradients_do_not_need_trainable_parameters(ctx):
+    """Attribution runs on a model whose parameters are all frozen, and gives the same scores."""
+    before = attribution_by_position(ctx)
+    ld0, est0 = ctx.circuit_attribution({(0, 0), (2, 1)})
+    params = list(ctx.model.parameters())
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        after = attribution_by_position(ctx)
+        ld1, est1 = ctx.circuit_attribution({(0, 0), (2, 1)})
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    for k in before:
+        torch.testing.assert_close(after[k], before[k])
+    assert ld1 == pytest.approx(ld0) and torch.equal(est1, est0)
+    assert all(p.grad is None for p in params)  # nothing accumulated into parameters

@@ -60,6 +60,11 @@ def ioi_metric(batch: IOIBatch) -> LogitDiff:
     return LogitDiff(batch.io_token.cpu(), batch.s_token.cpu(), pos=batch.end.cpu())
 
 
+def _grad_from_embeddings(x, hook):
+    """Gradients flow from the embeddings even when the user froze every parameter."""
+    return x if x.requires_grad else x.detach().requires_grad_(True)
+
+
 @dataclass
 class IOIContext:
     """A model, clean IOI prompts, their ABC corruption and the per-template ABC means of every head."""
@@ -109,7 +114,8 @@ class IOIContext:
     # -- running ---------------------------------------------------------------------------------
     def run_ld(self, fwd_hooks: Sequence = (), rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logit difference per prompt ``[batch]`` under ``fwd_hooks``; only the END rows are
-        normalised and unembedded (the same numbers as the full logits, less work)."""
+        normalised and unembedded (the same numbers as the full logits, less work; hooks on the
+        final norm see those rows only, ``[batch, 1, d_model]``)."""
         m, b = self.model, self.clean
         tokens, mask = b.tokens, b.attention_mask
         end, io, s = b.end, b.io_token, b.s_token
@@ -166,7 +172,8 @@ class IOIContext:
             return used[l]
 
         sub = b[rows]
-        with torch.enable_grad(), m.hooks(fwd_hooks=[(z_name(l), hook) for l in range(self.n_layers)]):
+        hooks = [("hook_embed", _grad_from_embeddings)] + [(z_name(l), hook) for l in range(self.n_layers)]
+        with torch.enable_grad(), m.hooks(fwd_hooks=hooks):
             resid = m(sub.tokens, attention_mask=sub.attention_mask, stop_at_layer=self.n_layers)
             logits = m.unembed(m.ln_final(resid[torch.arange(len(sub.end)), sub.end][:, None]))[:, 0]  # type: ignore[operator]
             ld = logits.gather(1, sub.io_token[:, None])[:, 0] - logits.gather(1, sub.s_token[:, None])[:, 0]
@@ -205,7 +212,8 @@ def attribution_by_position(ctx: IOIContext) -> dict[str, HeadScores]:
         acts[int(hook.name.split(".")[1])] = z
         return None
 
-    with torch.enable_grad(), m.hooks(fwd_hooks=[(z_name(l), keep) for l in range(ctx.n_layers)]):
+    hooks = [("hook_embed", _grad_from_embeddings)] + [(z_name(l), keep) for l in range(ctx.n_layers)]
+    with torch.enable_grad(), m.hooks(fwd_hooks=hooks):
         logits = m(b.tokens, attention_mask=b.attention_mask)
         layers = sorted(acts)
         grads = torch.autograd.grad(ioi_metric(b)(logits).mean(), [acts[l] for l in layers])
