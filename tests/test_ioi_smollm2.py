@@ -26,7 +26,6 @@ N_PROMPTS, SEED = 100, 0
 
 @pytest.fixture(scope="module")
 def model():
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     return tdb_lens.load("smollm2-135m")
 
 

@@ -60,6 +60,14 @@ def ioi_metric(batch: IOIBatch) -> LogitDiff:
     return LogitDiff(batch.io_token.cpu(), batch.s_token.cpu(), pos=batch.end.cpu())
 
 
+def _end_logit_diff(model: HookedTransformer, resid: torch.Tensor, batch: IOIBatch) -> torch.Tensor:
+    """logit(IO) - logit(S) per prompt from the final residual stream, normalising and
+    unembedding only each prompt's END row."""
+    end = resid[torch.arange(len(batch.end)), batch.end][:, None]
+    logits = model.unembed(model.ln_final(end))[:, 0]  # type: ignore[operator]
+    return logits.gather(1, batch.io_token[:, None])[:, 0] - logits.gather(1, batch.s_token[:, None])[:, 0]
+
+
 def _grad_from_embeddings(x, hook):
     """Gradients flow from the embeddings even when the user froze every parameter."""
     return x if x.requires_grad else x.detach().requires_grad_(True)
@@ -116,16 +124,17 @@ class IOIContext:
         """Logit difference per prompt ``[batch]`` under ``fwd_hooks``; only the END rows are
         normalised and unembedded (the same numbers as the full logits, less work; hooks on the
         final norm see those rows only, ``[batch, 1, d_model]``)."""
-        m, b = self.model, self.clean
-        tokens, mask = b.tokens, b.attention_mask
-        end, io, s = b.end, b.io_token, b.s_token
-        if rows is not None:
-            tokens, end, io, s = tokens[rows], end[rows], io[rows], s[rows]
-            mask = None if mask is None else mask[rows]
+        m = self.model
+        b = self.clean if rows is None else self.clean[rows]
         with torch.no_grad(), m.hooks(fwd_hooks=list(fwd_hooks)):
-            resid = m(tokens, attention_mask=mask, stop_at_layer=self.n_layers)
-            logits = m.unembed(m.ln_final(resid[torch.arange(len(end)), end][:, None]))[:, 0]  # type: ignore[operator]
-        return logits.gather(1, io[:, None])[:, 0] - logits.gather(1, s[:, None])[:, 0]
+            resid = m(b.tokens, attention_mask=b.attention_mask, stop_at_layer=self.n_layers)
+            return _end_logit_diff(m, resid, b)
+
+    def mean_z(self, layer: int, groups: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The per-template ABC mean of ``blocks.{layer}.attn.hook_z`` for each prompt of a run
+        whose rows belong to ``groups``: shaped, placed and typed like ``like`` ``[b, p, h, d]``."""
+        means = self.means[z_name(layer)]
+        return means[groups.to(means.device)].narrow(1, 0, like.shape[1]).to(like)
 
     def ablation_hooks(self, keep: set[Head], rows: Optional[torch.Tensor] = None) -> list:
         """The paper's ablation: every head outside ``keep`` replaced by its per-template ABC mean."""
@@ -159,13 +168,13 @@ class IOIContext:
         keep_mask = torch.zeros(self.n_layers, self.n_heads, dtype=torch.bool)
         for l, h in keep:
             keep_mask[l, h] = True
-        computed: dict[int, torch.Tensor] = {}
+        delta: dict[int, torch.Tensor] = {}  # layer -> z as computed minus its mean
         used: dict[int, torch.Tensor] = {}
 
         def hook(z, hook):
             l = int(hook.name.split(".")[1])
-            mean = self.means[z_name(l)][groups.to(self.means[z_name(l)].device)].narrow(1, 0, z.shape[1]).to(z)
-            computed[l] = z.detach()
+            mean = self.mean_z(l, groups, z)
+            delta[l] = z.detach() - mean
             k = keep_mask[l].to(z.device)[None, None, :, None]
             # what the rest of the model sees; its gradient (also at the ablated slots) is dLD/dz
             used[l] = torch.where(k, z, mean)
@@ -175,16 +184,14 @@ class IOIContext:
         hooks = [("hook_embed", _grad_from_embeddings)] + [(z_name(l), hook) for l in range(self.n_layers)]
         with torch.enable_grad(), m.hooks(fwd_hooks=hooks):
             resid = m(sub.tokens, attention_mask=sub.attention_mask, stop_at_layer=self.n_layers)
-            logits = m.unembed(m.ln_final(resid[torch.arange(len(sub.end)), sub.end][:, None]))[:, 0]  # type: ignore[operator]
-            ld = logits.gather(1, sub.io_token[:, None])[:, 0] - logits.gather(1, sub.s_token[:, None])[:, 0]
+            ld = _end_logit_diff(m, resid, sub)
             layers = sorted(used)
             grads = torch.autograd.grad(ld.mean(), [used[l] for l in layers])
         est = torch.zeros(self.n_layers, self.n_heads)
-        mask = sub.attention_mask[:, :, None].float()
+        mask = sub.attention_mask[:, :, None].to(grads[0].dtype)
         for l, g in zip(layers, grads):
-            mean = self.means[z_name(l)][groups].narrow(1, 0, g.shape[1]).to(g)
-            contrib = ((computed[l] - mean) * g).sum(-1) * mask  # [b, p, h]
-            est[l] = contrib.sum((0, 1)).cpu()  # the gradient is of the mean: this is the mean effect
+            # the gradient is of the batch mean, so this sum is the mean effect per prompt
+            est[l] = ((delta[l] * g).sum(-1) * mask).sum((0, 1)).cpu()
         return float(ld.detach().mean()), est
 
 
@@ -221,19 +228,15 @@ def attribution_by_position(ctx: IOIContext) -> dict[str, HeadScores]:
         _, abc_cache = m.run_with_cache(ctx.abc.tokens, attention_mask=ctx.abc.attention_mask,
                                         names_filter=[z_name(l) for l in layers])
     idx = torch.arange(b.tokens.shape[0])
-    n = len(idx)  # the gradient is of the batch mean: scale each prompt's term back by n
-    mask = None if b.attention_mask is None else b.attention_mask[:, :, None].float()
+    mask = b.attention_mask[:, :, None].to(grads[0].dtype)
     out = {k: torch.zeros(ctx.n_layers, ctx.n_heads) for k in ("end", "s2", "s1_plus_1", "knockout")}
-    groups = ctx.group_ids.to(b.tokens.device)
+    # the gradient is of the batch mean, so sums over prompts below are means per prompt
     for l, g in zip(layers, grads):
         z = acts[l].detach()
         contrib = ((z - abc_cache[z_name(l)]) * g).sum(-1)  # [b, p, h]
         for key, pos in (("end", b.end), ("s2", b.s2_pos), ("s1_plus_1", b.s1_plus_1)):
             out[key][l] = contrib[idx, pos].sum(0).cpu()
-        mean = ctx.means[z_name(l)][groups].narrow(1, 0, z.shape[1]).to(z.dtype)
-        ko = ((z - mean) * g).sum(-1)
-        if mask is not None:
-            ko = ko * mask
+        ko = ((z - ctx.mean_z(l, ctx.group_ids, z)) * g).sum(-1) * mask
         out["knockout"][l] = ko.sum((0, 1)).cpu()
     return out
 

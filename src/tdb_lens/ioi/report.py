@@ -93,8 +93,8 @@ def run_ioi(
 ) -> IOIReport:
     """Baseline, circuit discovery and faithfulness on ``n_prompts`` IOI prompts (seeded)."""
     t0 = time.perf_counter()
-    # nine phases: two here, seven announced by `discover`
-    bar = tqdm(total=9, desc="IOI", disable=not progress)
+    # eight phases: one here, seven announced by `discover`
+    bar = tqdm(total=8, desc="IOI", disable=not progress)
     started = [False]
 
     def phase(name: str) -> None:
@@ -103,17 +103,16 @@ def run_ioi(
         started[0] = True
         bar.set_postfix_str(name[:48])
 
-    phase("prompts and baseline")
+    phase("prompts, ABC corruption, means and baseline")
     dataset = IOIDataset.generate(model.tokenizer, n_prompts, seed=seed)
-    batch = dataset.to_batch(model)
+    ctx = IOIContext.from_dataset(model, dataset)  # the prompts, their ABC corruption and its means
+    batch = ctx.clean
     with torch.no_grad():
         logits = model(batch.tokens, attention_mask=batch.attention_mask)
     ld = logit_diff(logits, batch, per_prompt=True).cpu()
     acc = accuracy(logits, batch, per_prompt=True).float().cpu()
     prob = io_probability(logits, batch, per_prompt=True).cpu()
     del logits
-    phase("ABC corruption and per-template means")
-    ctx = IOIContext.from_dataset(model, dataset)
     circuit = discover(ctx, max_heads=max_heads, target_faithfulness=target_faithfulness,
                        with_minimality=with_minimality, progress=phase, progress_bars=progress)
     bar.update(1)
