@@ -8,12 +8,22 @@
 
 All under ``torch.no_grad``, after warm-up, runs interleaved (each repeat runs every variant, in a
 rotating order, so load from other processes hits all of them alike); the median of N repeats is
-reported, for wall-clock time and for process CPU time. Usage: ``python bench/bench_gpt2.py [--threads 2] [--repeats 15] [--device cpu]``.
+reported, for wall-clock time and for process CPU time.
+
+On CPU every shape runs twice in the same process: with the allocator as the process found it
+("default"), then after ``tdb_lens.keep_freed_memory()`` ("keep_freed_memory": glibc keeps freed
+memory for reuse instead of page-faulting each call's cache in afresh; what the ``tdb-lens``
+command does). All four variants are timed under each setting.
+
+Usage: ``python bench/bench_gpt2.py [--threads 2] [--repeats 15] [--device cpu] [--json PATH]``
+(default JSON: ``bench/results/bench_gpt2.json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import sys
 import time
@@ -25,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _gpt2_reference import GPT2_SMALL, make_hf_gpt2, make_tl  # noqa: E402
 
-from tdb_lens import HookedGPT2  # noqa: E402
+from tdb_lens import HookedGPT2, keep_freed_memory  # noqa: E402
 
 SHAPES = [(8, 128), (1, 16)]
 
@@ -71,6 +81,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "bench_gpt2.json"),
+                    help="write the figures here (default: %(default)s; '' for none)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -92,16 +104,34 @@ def main() -> None:
           f"after {args.warmup} warm-up; cached activations: tdb {n_tdb}, TL {n_tl}\n")
     header = ("| batch x pos (timer) | transformers | tdb forward | tdb run_with_cache | TL run_with_cache "
               "| tdb/transformers | cache/transformers | cache/TL-cache |\n|---|---|---|---|---|---|---|---|")
-    print(header)
-    gen = torch.Generator().manual_seed(0)
-    for b, p in SHAPES:
-        tokens = torch.randint(0, GPT2_SMALL["vocab_size"], (b, p), generator=gen).to(args.device)
-        wall, cpu = bench(variants, tokens, args.repeats, args.warmup, args.device)
-        print(_row(f"{b}x{p} (wall)", wall), flush=True)
-        print(_row(f"{b}x{p} (CPU time)", cpu), flush=True)
+    modes = ["default", "keep_freed_memory"] if args.device == "cpu" else ["default"]
+    results: dict = {"threads": torch.get_num_threads(), "repeats": args.repeats, "device": args.device,
+                     "cached_activations": {"tdb": n_tdb, "TL": n_tl}, "runs": {}}
+    for mode in modes:
+        if mode == "keep_freed_memory" and not keep_freed_memory():
+            break
+        print(f"\nallocator: {mode}\n{header}")
+        gen = torch.Generator().manual_seed(0)
+        rows = results["runs"][mode] = {}
+        for b, p in SHAPES:
+            tokens = torch.randint(0, GPT2_SMALL["vocab_size"], (b, p), generator=gen).to(args.device)
+            wall, cpu = bench(variants, tokens, args.repeats, args.warmup, args.device)
+            print(_row(f"{b}x{p} (wall)", wall), flush=True)
+            print(_row(f"{b}x{p} (CPU time)", cpu), flush=True)
+            rows[f"{b}x{p}"] = {"wall_s": wall, "cpu_s": cpu, "ratios_wall": _ratios(wall), "ratios_cpu": _ratios(cpu)}
     print("\nCPU time is the process's CPU seconds over all threads: less sensitive than wall-clock to other "
           "processes competing for the cores (it still counts OpenMP spin-waiting).")
+    if args.json:
+        results["load_avg_at_end"] = os.getloadavg()
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
 
+
+def _ratios(t: dict[str, float]) -> dict[str, float]:
+    return {"forward/transformers": t["tdb forward"] / t["transformers"],
+            "run_with_cache/transformers": t["tdb run_with_cache"] / t["transformers"],
+            "run_with_cache/TL run_with_cache": t["tdb run_with_cache"] / t["TL run_with_cache"]}
 
 if __name__ == "__main__":
     main()

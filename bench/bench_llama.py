@@ -18,14 +18,15 @@ Threads: one intra-op thread by default. On the 2-core machine shared with other
 written, two OpenMP threads made every call several times slower (and noisier) for both libraries,
 since a thread waiting for a busy core stalls the other; pass ``--threads 2`` on a quiet machine.
 
-Memory: ``run_with_cache`` keeps every activation (about 1.9 GB at 8x128 for this model), and glibc
-hands freed blocks this large back to the kernel, so every call page-faults its cache in afresh (about
-475k minor faults per call here, most of run_with_cache's extra time over a plain forward).
-``--glibc-retain`` re-runs the bench with glibc told to keep freed memory (``MALLOC_MMAP_THRESHOLD_``,
-``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``; process-wide, set before start), which shows what the
-computation itself costs. Each mode's figures go under ``runs.<mode>`` in the JSON file.
+Memory: ``run_with_cache`` keeps every activation (about 1.9 GB at 8x128 for this model). With glibc's
+default settings that memory goes back to the kernel when the cache is dropped and every call
+page-faults it in afresh (about 440k minor faults per call here, most of run_with_cache's extra time
+over a plain forward). So the speed rows run twice in the same process: first with the allocator as
+the process found it ("default"), then after ``tdb_lens.keep_freed_memory()`` ("keep_freed_memory":
+freed memory kept for reuse; what the ``tdb-lens`` command does, and one call in a notebook). Both
+libraries are timed under each setting. Each mode's figures go under ``runs.<mode>`` in the JSON file.
 
-Usage: ``python bench/bench_llama.py [--threads 1] [--repeats 9] [--load-rounds 3] [--json PATH] [--glibc-retain]``
+Usage: ``python bench/bench_llama.py [--threads 1] [--repeats 9] [--load-rounds 3] [--json PATH]``
 (default JSON: ``bench/results/bench_llama.json``)
 """
 
@@ -37,7 +38,6 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -46,8 +46,6 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SHAPES = [(8, 128), (1, 16)]
-GLIBC_RETAIN = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(16 * 2**30),
-                "MALLOC_TOP_PAD_": str(2**30)}
 TARGETS = {"forward": 1.05, "run_with_cache": 1.15}  # at most this multiple of transformers' forward
 LOAD_TARGET = 1 / 3  # tdb_lens load at most this fraction of transformers' GGUF load
 
@@ -114,12 +112,7 @@ def main() -> None:
     ap.add_argument("--load-rounds", type=int, default=3)
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "bench_llama.json"),
                     help="write the figures here (default: %(default)s; '' for none)")
-    ap.add_argument("--glibc-retain", action="store_true",
-                    help="run with glibc keeping freed memory (see the module doc); re-executes this script")
     args = ap.parse_args()
-    if args.glibc_retain and any(os.environ.get(k) != v for k, v in GLIBC_RETAIN.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **GLIBC_RETAIN})
-    mode = "glibc_retain" if args.glibc_retain else "default"
     torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
@@ -149,9 +142,49 @@ def main() -> None:
         "tdb_lens run_with_cache": lambda t: ours.run_with_cache(t),
     }
     n_hooks = len(ours.hook_dict)
+    runs = {}
+    for mode in ("default", "keep_freed_memory"):
+        if mode == "keep_freed_memory" and not tdb_lens.keep_freed_memory():
+            print("not glibc: no keep_freed_memory run")
+            break
+        runs[mode] = speed_rows(variants, ours.cfg.d_vocab, args)
+
+    print()
+    print("| load (median of %d) | tdb_lens | transformers | ratio | target |" % args.load_rounds)
+    print("|---|---|---|---|---|")
+    ok = "met" if load_ratio <= LOAD_TARGET else "MISSED"
+    print(f"| GGUF -> model | {load_med['tdb_lens']:.2f} s | {load_med['transformers']:.2f} s | "
+          f"{load_ratio:.2f} | <= {LOAD_TARGET:.2f} ({ok}) |")
+    print(f"| (process CPU time) | {load_cpu_med['tdb_lens']:.2f} s | {load_cpu_med['transformers']:.2f} s | "
+          f"{load_cpu_med['tdb_lens'] / load_cpu_med['transformers']:.2f} | |")
+    for mode, rows in runs.items():
+        print_rows(mode, rows, n_hooks)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        load_cpu_ratio = load_cpu_med["tdb_lens"] / load_cpu_med["transformers"]
+        common = {
+            "model": path.name, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "cpus": os.cpu_count(), "threads": args.threads,
+            "load_avg_at_end": os.getloadavg(),
+            "note": ("Ratios are the figures to read: each is measured side by side in one process, interleaved. "
+                     "Modes: 'default' = the allocator as the process found it; 'keep_freed_memory' = after "
+                     "tdb_lens.keep_freed_memory() (both libraries timed under it)."),
+            "targets": {"load_ratio": LOAD_TARGET, "forward_ratio": TARGETS["forward"],
+                        "run_with_cache_ratio": TARGETS["run_with_cache"]},
+            "load_median_s": load_med, "load_cpu_median_s": load_cpu_med, "load_ratio": load_ratio,
+            "load_cpu_ratio": load_cpu_ratio, "load_s": load_times, "load_cpu_s": load_cpu,
+            "n_hooks_cached": n_hooks, "probe_max_abs_logit_diff": err,
+        }
+        doc = {"runs": {mode: {**common, "rows": rows} for mode, rows in runs.items()}}
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=2)
+        print(f"\nwrote {args.json}")
+
+
+def speed_rows(variants: dict, d_vocab: int, args) -> list[dict]:
     rows = []
     for batch, pos in SHAPES:
-        tokens = torch.randint(0, ours.cfg.d_vocab, (batch, pos), generator=torch.Generator().manual_seed(batch * pos))
+        tokens = torch.randint(0, d_vocab, (batch, pos), generator=torch.Generator().manual_seed(batch * pos))
         repeats = args.repeats if batch * pos >= 512 else 4 * args.repeats
         times, cpu, faults = bench_calls(variants, tokens, repeats, args.warmup)
         med = {k: statistics.median(v) for k, v in times.items()}
@@ -166,16 +199,11 @@ def main() -> None:
                      "minor_page_faults_per_call": {k: statistics.median(v) for k, v in faults.items()},
                      "wall_s": times, "cpu_s": cpu})
         print(f"  {batch}x{pos} done", flush=True)
+    return rows
 
-    print()
-    print("| load (median of %d) | tdb_lens | transformers | ratio | target |" % args.load_rounds)
-    print("|---|---|---|---|---|")
-    ok = "met" if load_ratio <= LOAD_TARGET else "MISSED"
-    print(f"| GGUF -> model | {load_med['tdb_lens']:.2f} s | {load_med['transformers']:.2f} s | "
-          f"{load_ratio:.2f} | <= {LOAD_TARGET:.2f} ({ok}) |")
-    print(f"| (process CPU time) | {load_cpu_med['tdb_lens']:.2f} s | {load_cpu_med['transformers']:.2f} s | "
-          f"{load_cpu_med['tdb_lens'] / load_cpu_med['transformers']:.2f} | |")
-    print()
+
+def print_rows(mode: str, rows: list[dict], n_hooks: int) -> None:
+    print(f"\nallocator: {mode}")
     print(f"| shape | transformers fwd (ms) | tdb_lens fwd (ms) | ratio | tdb_lens run_with_cache, {n_hooks} hooks (ms) | ratio |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -184,39 +212,13 @@ def main() -> None:
         print(f"| {r['shape']} | {r['transformers forward']:.1f} | {r['tdb_lens forward']:.1f} | "
               f"{r['forward_ratio']:.3f} ({f_ok}, <= {TARGETS['forward']}) | {r['tdb_lens run_with_cache']:.1f} | "
               f"{r['run_with_cache_ratio']:.3f} ({c_ok}, <= {TARGETS['run_with_cache']}) |")
-    print()
     print("process CPU time, same runs (ms): | shape | transformers fwd | tdb_lens fwd | ratio | run_with_cache | ratio |")
     for r in rows:
         c = r["cpu_ms"]
         print(f"| {r['shape']} | {c['transformers forward']:.1f} | {c['tdb_lens forward']:.1f} | {r['cpu_forward_ratio']:.3f} | "
               f"{c['tdb_lens run_with_cache']:.1f} | {r['cpu_run_with_cache_ratio']:.3f} |")
-    print(f"\nmode {mode}; minor page faults per call (median): "
+    print("minor page faults per call (median): "
           + "; ".join(f"{r['shape']}: {r['minor_page_faults_per_call']}" for r in rows))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        load_cpu_ratio = load_cpu_med["tdb_lens"] / load_cpu_med["transformers"]
-        run = {
-            "model": path.name, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "cpus": os.cpu_count(), "threads": args.threads,
-            "note": ("Shared 2-core machine (other jobs running tests at the same time): absolute times are "
-                     "noisy; read the ratios, each measured side by side in one process, interleaved."),
-            "targets": {"load_ratio": LOAD_TARGET, "forward_ratio": TARGETS["forward"],
-                        "run_with_cache_ratio": TARGETS["run_with_cache"]},
-            "load_median_s": load_med, "load_cpu_median_s": load_cpu_med, "load_ratio": load_ratio,
-            "load_cpu_ratio": load_cpu_ratio, "load_s": load_times, "load_cpu_s": load_cpu,
-            "n_hooks_cached": n_hooks, "probe_max_abs_logit_diff": err, "rows": rows,
-            "malloc_env": {k: os.environ.get(k) for k in GLIBC_RETAIN},
-        }
-        try:
-            doc = json.loads(Path(args.json).read_text())
-        except (OSError, ValueError):
-            doc = {}
-        if not isinstance(doc.get("runs"), dict):
-            doc = {"runs": {}}
-        doc["runs"][mode] = run
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2)
-        print(f"\nwrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@ from .hooks import ActivationCache, HookedRootModule, HookPoint, get_act_name
 from .models import CheckpointError, GPT2Config, HookedGPT2, HookedTransformer
 from .models.llama import HookedLlama, LlamaConfig
 from .loading import DEFAULT_MODEL, load
+from .allocator import keep_freed_memory, release_freed_memory
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActivationCache", "CheckpointError", "GPT2Config", "HookPoint", "HookedGPT2", "HookedRootModule",
-    "HookedLlama", "HookedTransformer", "LlamaConfig", "DEFAULT_MODEL", "get_act_name", "load",
+    "HookedLlama", "HookedTransformer", "LlamaConfig", "DEFAULT_MODEL", "get_act_name", "keep_freed_memory", "load",
+    "release_freed_memory",
 ]

@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in SUBCOMMANDS:
         print(f"tdb-lens: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    # this process is ours: keep freed memory for reuse (tdb_lens.allocator; TDB_LENS_KEEP_FREED_MEMORY=0 to opt out)
+    from .allocator import keep_freed_memory_from_env
+
+    keep_freed_memory_from_env()
     module = importlib.import_module(SUBCOMMANDS[cmd][0])
     return int(module.main(rest) or 0)
 
