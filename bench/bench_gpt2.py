@@ -133,5 +133,6 @@ def _ratios(t: dict[str, float]) -> dict[str, float]:
             "run_with_cache/transformers": t["tdb run_with_cache"] / t["transformers"],
             "run_with_cache/TL run_with_cache": t["tdb run_with_cache"] / t["TL run_with_cache"]}
 
+
 if __name__ == "__main__":
     main()

@@ -20,7 +20,7 @@ since a thread waiting for a busy core stalls the other; pass ``--threads 2`` on
 
 Memory: ``run_with_cache`` keeps every activation (about 1.9 GB at 8x128 for this model). With glibc's
 default settings that memory goes back to the kernel when the cache is dropped and every call
-page-faults it in afresh (about 440k minor faults per call here, most of run_with_cache's extra time
+page-faults it in afresh (about 475k minor faults per call here, most of run_with_cache's extra time
 over a plain forward). So the speed rows run twice in the same process: first with the allocator as
 the process found it ("default"), then after ``tdb_lens.keep_freed_memory()`` ("keep_freed_memory":
 freed memory kept for reuse; what the ``tdb-lens`` command does, and one call in a notebook). Both

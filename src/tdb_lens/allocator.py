@@ -2,8 +2,9 @@
 
 Why: ``run_with_cache`` keeps every activation it records (1.9 GB for SmolLM2-135M at 8x128).
 With glibc's default settings that memory is returned to the kernel when the cache is dropped,
-and the next call page-faults all of it in again: about 440k minor faults, 0.3 s of a 2.6 s call
-on the machine where this was written, most of what caching costs over a plain forward.
+and the next call page-faults all of it in again: about 475k minor faults per call, 0.3-0.7 s of
+a 2.6-2.8 s call in idle runs on the machine where this was written (`bench/bench_llama.py`),
+most of what caching costs over a plain forward.
 PyTorch's CUDA caching allocator keeps freed GPU memory for the same reason; on CPU, PyTorch's
 performance guide suggests preloading jemalloc or tcmalloc. This module gets the same effect from
 glibc itself, at run time, with ``mallopt``:
