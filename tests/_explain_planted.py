@@ -41,7 +41,7 @@ def planted_model():
     orig_forward = model.forward
 
     def forward(input, *a, **kw):  # remember the token ids: the MLP hook only sees activations
-        t, _ = model._prepare(input, None, kw.get("prepend_bos"), kw.get("padding_side"))
+        t, _ = model.prepare_input(input, None, kw.get("prepend_bos"), kw.get("padding_side"))
         state["tokens"] = t
         return orig_forward(input, *a, **kw)
 

@@ -1,10 +1,10 @@
 """tdb_lens: debug transformers the way Transformer Debugger does, with TransformerLens hook points."""
 
+from .allocator import keep_freed_memory, release_freed_memory
 from .hooks import ActivationCache, HookedRootModule, HookPoint, get_act_name
+from .loading import DEFAULT_MODEL, load
 from .models import CheckpointError, GPT2Config, HookedGPT2, HookedTransformer
 from .models.llama import HookedLlama, LlamaConfig
-from .loading import DEFAULT_MODEL, load
-from .allocator import keep_freed_memory, release_freed_memory
 
 __version__ = "0.1.0"
 

@@ -4,9 +4,9 @@ Hugging Face ``tokenizers.Tokenizer`` (built, for example, from a GGUF file's me
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
-from typing import Sequence
 
 GPT2_BPE_SHA256 = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",

@@ -14,8 +14,8 @@ from .circuits import CircuitResult, EdgeScores, edge_attribution_patching, eval
 from .direct_effects import DirectEffects, direct_effects, logit_lens
 from .metrics import CallableMetric, Logit, LogitDiff, LogProb, Metric, Prob
 from .nodes import Node, NodeLike, as_node, as_nodes
-from .path_patching import path_patch
 from .patching import patch_attn_out, patch_heads, patch_mlp_out, patch_neurons, patch_node_list, patch_nodes, patch_resid
+from .path_patching import path_patch
 from .results import Labelled
 from .scores import NodeScores
 from .steering import Steering, steer_direction, steer_nodes, steering_hooks

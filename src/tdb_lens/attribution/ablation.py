@@ -13,7 +13,8 @@ reference prompts (e.g. per IOI template) and each row of the ablated run uses i
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import torch
 

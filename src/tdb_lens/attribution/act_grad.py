@@ -10,8 +10,9 @@ the residual stream (neurons ``|post| * ||W_out[n]||``, heads ``||z @ W_O[h]||``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -41,8 +42,8 @@ def score_nodes(model, acts: dict, grads: dict, kinds: Sequence[str] = ALL_KINDS
     ``rows`` picks a slice of the batch of the gradients (the activations are sliced the same way).
     """
     r = slice(None) if rows is None else rows
-    a = lambda n: acts[n][r]  # noqa: E731
-    gr = lambda n: grads[n][r]  # noqa: E731
+    a = lambda n: acts[n][r]
+    gr = lambda n: grads[n][r]
     eff, wn = NodeScores(title="act x grad"), NodeScores(title="write norm")
     L = model.cfg.n_layers
     kinds = set(kinds)

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -201,7 +202,7 @@ def _plan_passes(nodes: list[Node], order: list[int], B: int, batch_rows: int, m
     """Passes as (start layer or None, node indices), from nodes sorted by (layer, position)."""
     per = max(1, batch_rows // B)
     passes: list[tuple[Optional[int], list[int]]] = []
-    key = lambda i: ((_start_layer(nodes[i]) if fast else None),  # noqa: E731
+    key = lambda i: ((_start_layer(nodes[i]) if fast else None),
                      (0 if nodes[i].pos is None else nodes[i].pos) if fast else 0)
     cur: list[int] = []
     cur_layer: Optional[int] = None

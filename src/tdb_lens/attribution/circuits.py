@@ -19,10 +19,10 @@ prompts (IOI: per template over the ABC prompts) with ``groups`` / ``target_grou
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
-import numpy as np
 import torch
 
 from .ablation import _group_rows, compute_means

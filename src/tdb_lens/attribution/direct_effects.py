@@ -10,8 +10,9 @@ metric is a logit or a logit difference.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -86,7 +87,7 @@ def direct_effects(
         model, tokens, lambda logits, a: metric(logits), names, mask, grad_names=[final], freeze_final_scale=True
     )
     g = grads[final]  # [b, P, d]
-    dot = lambda x: (x * g).sum(-1)  # noqa: E731
+    dot = lambda x: (x * g).sum(-1)
     head, neuron, attn, mlp, attn_b, mlp_b, resid = [], [], [], [], [], [], []
     for l in range(L):
         blk = model.blocks[l]

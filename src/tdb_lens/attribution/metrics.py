@@ -17,7 +17,8 @@ the batch axis) row ``r`` is prompt ``r % batch``; pass ``rows`` to say otherwis
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F

@@ -28,8 +28,9 @@ For ``.k``/``.v`` on a model with grouped-query attention the head number is the
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Iterable, Optional, Union
+from typing import Optional, Union
 
 import torch
 
@@ -112,43 +113,43 @@ class Node:
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
-    def neuron(cls, layer: int, neuron: int, pos: Optional[int] = None) -> "Node":
+    def neuron(cls, layer: int, neuron: int, pos: Optional[int] = None) -> Node:
         return cls(NEURON, layer=layer, index=neuron, pos=pos)
 
     @classmethod
     def head(cls, layer: int, head: int, pos: Optional[int] = None, key_pos: Optional[int] = None,
-             site: Optional[str] = None) -> "Node":
+             site: Optional[str] = None) -> Node:
         """A head at query ``pos``; ``site`` defaults to "z" (its output), or "pattern" with ``key_pos``."""
         if site is None:
             site = "pattern" if key_pos is not None else "z"
         return cls(HEAD, layer=layer, index=head, pos=pos, key_pos=key_pos, site=site)
 
     @classmethod
-    def resid(cls, layer: int, pos: Optional[int] = None, site: str = "pre") -> "Node":
+    def resid(cls, layer: int, pos: Optional[int] = None, site: str = "pre") -> Node:
         return cls(RESID, layer=layer, pos=pos, site=site)
 
     @classmethod
-    def attn_out(cls, layer: int, pos: Optional[int] = None) -> "Node":
+    def attn_out(cls, layer: int, pos: Optional[int] = None) -> Node:
         return cls(ATTN, layer=layer, pos=pos)
 
     @classmethod
-    def mlp_out(cls, layer: int, pos: Optional[int] = None) -> "Node":
+    def mlp_out(cls, layer: int, pos: Optional[int] = None) -> Node:
         return cls(MLP, layer=layer, pos=pos)
 
     @classmethod
-    def embed(cls, pos: Optional[int] = None) -> "Node":
+    def embed(cls, pos: Optional[int] = None) -> Node:
         return cls(EMBED, pos=pos)
 
     @classmethod
-    def pos_embed(cls, pos: Optional[int] = None) -> "Node":
+    def pos_embed(cls, pos: Optional[int] = None) -> Node:
         return cls(POS_EMBED, pos=pos)
 
     @classmethod
-    def sae_latent(cls, hook_name: str, latent: int, pos: Optional[int] = None) -> "Node":
+    def sae_latent(cls, hook_name: str, latent: int, pos: Optional[int] = None) -> Node:
         return cls(SAE_LATENT, index=latent, pos=pos, site=hook_name)
 
     @classmethod
-    def sae_error(cls, hook_name: str, pos: Optional[int] = None) -> "Node":
+    def sae_error(cls, hook_name: str, pos: Optional[int] = None) -> Node:
         return cls(SAE_ERROR, pos=pos, site=hook_name)
 
     # -- string form --------------------------------------------------------------------------
@@ -183,7 +184,7 @@ class Node:
         return f"Node({str(self)!r})"
 
     @classmethod
-    def parse(cls, text: Union[str, "Node"]) -> "Node":
+    def parse(cls, text: Union[str, Node]) -> Node:
         """The node a string names (see the module docstring); a `Node` passes through."""
         if isinstance(text, Node):
             return text
@@ -298,17 +299,17 @@ class Node:
         return self.select(cache[self.hook_name], getattr(cache, "has_batch_dim", True))
 
     # -- variations ---------------------------------------------------------------------------
-    def at(self, pos: Optional[int], key_pos: Optional[int] = None) -> "Node":
+    def at(self, pos: Optional[int], key_pos: Optional[int] = None) -> Node:
         """The same unit at another position (key position only for pattern / scores heads)."""
         return replace(self, pos=pos, key_pos=key_pos if self.is_pair else None)
 
-    def with_site(self, site: str) -> "Node":
+    def with_site(self, site: str) -> Node:
         """A head's other site (``"q"``, ``"pattern"`` ...) or a residual's (``"mid"``)."""
         key = self.key_pos if site in PAIR_SITES else None
         return replace(self, site=site, key_pos=key)
 
     @property
-    def unit(self) -> "Node":
+    def unit(self) -> Node:
         """The node without positions (the neuron / head / latent itself)."""
         return replace(self, pos=None, key_pos=None)
 

@@ -7,7 +7,8 @@ Every sweep takes ``method="activation"`` (`activation_patch`, batched) or ``"at
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 

@@ -17,7 +17,8 @@ forward pass, one per block of batch rows.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm

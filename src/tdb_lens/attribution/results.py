@@ -8,8 +8,9 @@ entries are nodes, ``nodes`` holds the `Node` of each entry (same shape as ``val
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch

@@ -6,7 +6,8 @@ so no parameter's ``.grad`` is touched.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -15,10 +16,19 @@ from .metrics import Metric, as_metric
 
 def prepare(model, input: Any, attention_mask: Optional[torch.Tensor] = None):
     """``(tokens [batch, pos], mask or None)`` from text, a list of texts or token ids."""
-    tokens, mask = model._prepare(input, attention_mask, None, None)
-    if mask is not None and bool(mask.all()):
-        mask = None
-    return tokens, mask
+    return model.prepare_input(input, attention_mask)
+
+
+def _grad_source(x: torch.Tensor, hook) -> torch.Tensor:
+    """Embedding hook of the gradient runner: on a frozen model nothing requires grad, so the
+    embeddings become the leaves gradients start from (parameters are never touched)."""
+    return x if x.requires_grad else x.detach().requires_grad_(True)
+
+
+def grad_source_hooks(model) -> list:
+    """Forward hooks that make every activation differentiable whatever the parameters'
+    ``requires_grad``: each embedding hook point returns a leaf that requires grad."""
+    return [(name, _grad_source) for name in model.find_hooks(component="embed")]
 
 
 def n_layers(model) -> int:
@@ -51,7 +61,8 @@ def run_with_grads(
     grad_names: Optional[Sequence[str]] = None,
     freeze_final_scale: bool = False,
 ):
-    """One forward and one backward pass.
+    """One forward and one backward pass; works alike on frozen and unfrozen models and leaves
+    every parameter's ``requires_grad`` and ``.grad`` as they were.
 
     ``objective(logits, acts) -> [batch]`` (or a scalar); its sum is differentiated. Returns
     ``(values, acts, grads)``: the objective per row, and ``{name: tensor}`` of activations and of
@@ -62,7 +73,7 @@ def run_with_grads(
     def keep(x, hook):
         acts[hook.name] = x
 
-    hooks = list(fwd_hooks) + [(n, keep) for n in names]
+    hooks = grad_source_hooks(model) + list(fwd_hooks) + [(n, keep) for n in names]
     if freeze_final_scale:
         hooks.insert(0, freeze_scale_hook())
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):

@@ -13,8 +13,9 @@ A node without a position sums over positions (and, for pairs, over the missing 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch

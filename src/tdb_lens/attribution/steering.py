@@ -17,7 +17,8 @@ explicitly (needed only between runs whose first call has a single position).
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 

@@ -11,8 +11,9 @@ pass over the batch repeated three times, each copy letting gradient through one
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 

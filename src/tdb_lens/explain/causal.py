@@ -76,7 +76,7 @@ class CausalScorer:
             raise ValueError(f"tokens must be [n, ctx], got shape {tuple(tokens.shape)}")
         out = []
 
-        def ablate(act, hook):  # noqa: ARG001
+        def ablate(act, hook):
             how = resolve_reduction(self.hook, act.ndim, self.reduce)
             act = act.clone()
             if how == "head_norm":
@@ -108,7 +108,7 @@ class CausalScorer:
         value = record.stats.get("mean", 0.0) if self.ablation == "mean" else 0.0
         kl = self.effects(tokens, record.unit, value)
         flat_kl = kl.flatten().tolist()
-        flat = lambda rows: [v for r in rows for v in r]  # noqa: E731
+        flat = lambda rows: [v for r in rows for v in r]
         mean_effect = float(kl.mean()) if kl.numel() else 0.0
         if mean_effect == 0.0:
             return CausalScore(0.0, 0.0, 0.0, len(flat_kl), self.ablation)

@@ -8,8 +8,9 @@ a short phrase. `TopTokensExplainer` is the non-LLM baseline: the tokens the uni
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 from .harvest import UnitRecord
 from .prompts import EXPLANATION_PREFILL, LIST_PREFILL, clean_explanation, explainer_messages, show_token, trim_window
@@ -63,7 +64,7 @@ class LLMExplainer:
         self.name = f"llm:{getattr(backend, 'name', type(backend).__name__)}"
 
     @classmethod
-    def for_local_model(cls, backend, tokenizer, **kw) -> "LLMExplainer":
+    def for_local_model(cls, backend, tokenizer, **kw) -> LLMExplainer:
         return cls(backend, tokenizer, style=kw.pop("style", "list"), **kw)
 
     def messages(self, record: UnitRecord) -> list[dict]:

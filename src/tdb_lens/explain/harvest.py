@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -46,7 +47,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .corpus import Corpus
-from .units import resolve_reduction, unit_activations, unit_kind, unit_label
+from .units import unit_activations, unit_kind, unit_label
 
 FORMAT_VERSION = 1
 _INF_KEY = 1 << 62
@@ -126,7 +127,7 @@ class _State:
     done: list[int] = field(default_factory=list)
 
     @classmethod
-    def empty(cls, n: int, cfg: HarvestConfig, ctx: int, n_rand: int) -> "_State":
+    def empty(cls, n: int, cfg: HarvestConfig, ctx: int, n_rand: int) -> _State:
         f = torch.float32
         return cls(
             top_val=torch.full((n, cfg.k), float("-inf")), top_win=torch.full((n, cfg.k), -1, dtype=torch.long),
@@ -147,7 +148,7 @@ class _State:
         _atomic_save(self.tensors(), path, {"done": json.dumps(sorted(self.done)), "format": str(FORMAT_VERSION)})
 
     @classmethod
-    def load(cls, path: Path) -> "_State":
+    def load(cls, path: Path) -> _State:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in _STATE_KEYS}
@@ -177,7 +178,7 @@ class _State:
         ca = torch.cat([self.samp_acts, acts], 1)
         self.samp_acts = ca.gather(1, idx[:, :, None].expand(-1, -1, ca.shape[2]))
 
-    def merge(self, other: "_State") -> None:
+    def merge(self, other: _State) -> None:
         overlap = set(self.done) & set(other.done)
         if overlap:
             raise ValueError(f"cannot merge harvests that both processed batches {sorted(overlap)[:5]}")
@@ -214,7 +215,7 @@ def capture(model, tokens: torch.Tensor, hook: str) -> torch.Tensor:
     """The raw activation at ``hook`` for ``tokens``; the forward stops right after the hook."""
     box: dict[str, torch.Tensor] = {}
 
-    def grab(act, hook):  # noqa: ARG001
+    def grab(act, hook):
         box["act"] = act.detach()
         raise _StopForward
 
@@ -259,7 +260,7 @@ def harvest(
     checkpoint_every: int = 1,
     model_name: Optional[str] = None,
     progress: bool = True,
-) -> "HarvestResult":
+) -> HarvestResult:
     """Harvest ``units`` (default: all) at ``hook`` over ``corpus`` into ``out_dir``; resume if it exists.
 
     Returns the merged result of every worker found in ``out_dir`` (after this worker finished).

@@ -7,8 +7,9 @@ activation among the examples shown; negative activations are 0). The wording is
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 

@@ -16,8 +16,9 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -57,7 +58,7 @@ def correlation_score(simulator, explanation: str, record: UnitRecord, tokenizer
     if not wins:
         raise ValueError(f"unit {record.label} has no windows to score on")
     sim = simulator.simulate(explanation, [w[0] for w in wins])
-    flat = lambda rows: [v for r in rows for v in r]  # noqa: E731
+    flat = lambda rows: [v for r in rows for v in r]
     true = [w[1] for w in wins]
     return SimulationScore(
         score=pearson(flat(true), flat(sim)),

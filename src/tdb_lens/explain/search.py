@@ -16,9 +16,10 @@ named by its most central explanation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from jaxtyping import Float
@@ -167,7 +168,7 @@ def prompt_units(model, prompt, store: ExplanationStore, hooks: Optional[Sequenc
     by_unit: dict[tuple[str, int], ExplanationRow] = {}
     for r in rows:
         cur = by_unit.get((r.hook, r.unit))
-        key = lambda x: (x.scores.get(score_method) is not None, x.scores.get(score_method) or 0.0, x.id)  # noqa: E731
+        key = lambda x: (x.scores.get(score_method) is not None, x.scores.get(score_method) or 0.0, x.id)
         if cur is None or key(r) > key(cur):
             by_unit[(r.hook, r.unit)] = r
     need = sorted({h for h, _ in by_unit})

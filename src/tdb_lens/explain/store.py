@@ -22,9 +22,10 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 
@@ -124,7 +125,7 @@ class ExplanationStore:
     def close(self) -> None:
         self.conn.close()
 
-    def __enter__(self) -> "ExplanationStore":
+    def __enter__(self) -> ExplanationStore:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -315,6 +316,6 @@ def format_table(rows: Sequence[ExplanationRow], methods: Optional[Sequence[str]
         vals = [("" if r.scores.get(m) is None else f"{r.scores[m]:.3f}") for m in methods]
         body.append([r.label, r.explainer, *vals, text])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)] if body else [len(h) for h in head]
-    fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
     lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body]
     return "\n".join(lines)

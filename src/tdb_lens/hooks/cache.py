@@ -8,7 +8,8 @@ cached. All stacks have the component axis first: ``[component, batch, pos, d_mo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -34,7 +35,7 @@ def _slice_pos(t: torch.Tensor, pos_slice: PosSlice, dim: int) -> torch.Tensor:
 
 
 class ActivationCache:
-    def __init__(self, cache_dict: dict[str, torch.Tensor], model: "HookedRootModule", has_batch_dim: bool = True):
+    def __init__(self, cache_dict: dict[str, torch.Tensor], model: HookedRootModule, has_batch_dim: bool = True):
         self.cache_dict = cache_dict
         self.model = model
         self.has_batch_dim = has_batch_dim
@@ -77,14 +78,14 @@ class ActivationCache:
     def __repr__(self) -> str:
         return f"ActivationCache({len(self)} activations: {list(self.cache_dict)[:4]}{'...' if len(self) > 4 else ''})"
 
-    def to(self, device: Union[str, torch.device, None] = None, dtype: torch.dtype | None = None) -> "ActivationCache":
+    def to(self, device: Union[str, torch.device, None] = None, dtype: torch.dtype | None = None) -> ActivationCache:
         """A cache with every tensor moved (floating tensors also cast when ``dtype`` is given)."""
         out = {}
         for k, v in self.cache_dict.items():
             out[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else None)
         return ActivationCache(out, self.model, self.has_batch_dim)
 
-    def remove_batch_dim(self) -> "ActivationCache":
+    def remove_batch_dim(self) -> ActivationCache:
         if not self.has_batch_dim:
             return self
         for k, v in self.cache_dict.items():
@@ -258,8 +259,8 @@ class ActivationCache:
     def logit_attrs(
         self,
         residual_stack: Float[torch.Tensor, "... d_model"],
-        tokens: Union[int, str, Int[torch.Tensor, "..."]],
-        incorrect_tokens: Union[int, str, Int[torch.Tensor, "..."], None] = None,
+        tokens: Union[int, str, Int[torch.Tensor, ...]],
+        incorrect_tokens: Union[int, str, Int[torch.Tensor, ...], None] = None,
         pos_slice: PosSlice = None,
         has_batch_dim: bool = True,
     ) -> torch.Tensor:

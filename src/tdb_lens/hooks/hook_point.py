@@ -8,14 +8,30 @@ speed of the plain computation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from torch import nn
 
+from .layout import HookLayout
+
 HookFn = Callable[..., Optional[torch.Tensor]]
 Direction = Literal["fwd", "bwd"]
+
+_check_layouts = False
+
+
+def set_layout_checks(on: bool) -> bool:
+    """Check every activation against its hook point's layout (shape and dtype) as it passes.
+
+    A debugging aid (the test suite runs with it on): a model whose code produces an activation
+    that disagrees with the declared axes fails at that hook, named. Returns the previous setting.
+    """
+    global _check_layouts
+    previous, _check_layouts = _check_layouts, bool(on)
+    return previous
 
 
 @dataclass(eq=False)
@@ -23,7 +39,7 @@ class LensHandle:
     """One registered hook. ``remove()`` detaches it; removing twice is harmless."""
 
     fn: HookFn
-    hook_point: "HookPoint"
+    hook_point: HookPoint
     direction: Direction
     is_permanent: bool = False
     active: bool = field(default=True)
@@ -40,11 +56,16 @@ class LensHandle:
 
 
 class HookPoint(nn.Module):
-    """Identity module; its ``name`` is its module path inside the root model."""
+    """Identity module; its ``name`` is its module path inside the root model.
 
-    def __init__(self) -> None:
+    ``layout`` (`HookLayout`) says what the activation is: layer, component, site and named axes.
+    Model code always passes one; a bare ``HookPoint()`` (user code) has none.
+    """
+
+    def __init__(self, layout: Optional[HookLayout] = None) -> None:
         super().__init__()
         self.name: str | None = None
+        self.layout: Optional[HookLayout] = layout
         self._fwd: list[LensHandle] = []
         self._bwd: list[LensHandle] = []
         # scratch space for hooks that want to remember things between calls (TransformerLens' ctx)
@@ -77,6 +98,30 @@ class HookPoint(nn.Module):
             lst.append(handle)
         return handle
 
+    def register_forward_hook(self, hook: Callable[..., Any], *args: Any, **kwargs: Any) -> LensHandle:  # type: ignore[override]
+        """PyTorch's ``hook(module, args, output)`` form, run as a tdb_lens forward hook.
+
+        (A hook point skips ``nn.Module.__call__`` when nothing is attached, so PyTorch's own hook
+        lists would never be read; this routes the hook to where it fires.)
+        """
+        if args or kwargs:
+            raise TypeError("HookPoint.register_forward_hook takes only the hook; use add_hook(fn, ...) for options")
+
+        def adapted(x: torch.Tensor, hook: HookPoint) -> Optional[torch.Tensor]:
+            return hook_out if isinstance(hook_out := hook_fn(self, (x,), x), torch.Tensor) else None
+
+        hook_fn = hook
+        return self.add_hook(adapted)
+
+    def register_forward_pre_hook(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("a HookPoint is an identity: use add_hook(fn) (fn(activation, hook)) instead")
+
+    def register_full_backward_hook(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("use add_hook(fn, dir='bwd') on a HookPoint (fn(grad, hook))")
+
+    def register_full_backward_pre_hook(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("use add_hook(fn, dir='bwd') on a HookPoint (fn(grad, hook))")
+
     def remove_hooks(self, dir: Literal["fwd", "bwd", "both"] = "both", including_permanent: bool = False) -> None:
         lists = {"fwd": [self._fwd], "bwd": [self._bwd], "both": [self._fwd, self._bwd]}[dir]
         for lst in lists:
@@ -99,6 +144,8 @@ class HookPoint(nn.Module):
     # -- running ------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         # fast path: skip nn.Module.__call__ machinery entirely when nothing is attached
+        if _check_layouts and self.layout is not None:
+            self.layout.check(x, self.name)
         if not self._fwd and not self._bwd:
             splice = self.__dict__["splice"]
             return x if splice is None else splice(x)
@@ -117,6 +164,11 @@ class HookPoint(nn.Module):
                     raise ValueError(
                         f"forward hook on {self.name!r} returned shape {tuple(out.shape)}, "
                         f"expected {tuple(x.shape)}"
+                    )
+                if out.dtype != x.dtype:
+                    raise TypeError(
+                        f"forward hook on {self.name!r} returned a {out.dtype} tensor, expected {x.dtype} "
+                        f"(cast with .to({x.dtype}))"
                     )
                 x = out
         if self._bwd and x.requires_grad:
@@ -137,4 +189,9 @@ class HookPoint(nn.Module):
         return x if splice is None else splice(x)
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, fwd={len(self._fwd)}, bwd={len(self._bwd)}"
+        lay = "" if self.layout is None else f", layout={self.layout}"
+        return f"name={self.name!r}{lay}, fwd={len(self._fwd)}, bwd={len(self._bwd)}"
+
+    def layer(self) -> Optional[int]:
+        """The block this hook point belongs to (TransformerLens's ``hook.layer()``); None outside blocks."""
+        return None if self.layout is None else self.layout.layer

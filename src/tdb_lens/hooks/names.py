@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from collections.abc import Iterable
 
 # alias -> (sub-module inside a block, or None for block level / model level)
 _BLOCK_ALIASES: dict[str, str] = {

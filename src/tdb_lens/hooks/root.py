@@ -8,13 +8,15 @@ anything and removes exactly the hooks it added, even when a hook or the forward
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Sequence, Union
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Union
 
 import torch
 from torch import nn
 
 from .cache import ActivationCache
 from .hook_point import HookFn, HookPoint, LensHandle
+from .layout import HookLayout
 from .names import unknown_name_error
 
 NameFilter = Union[str, Sequence[str], Callable[[str], bool], None]
@@ -26,26 +28,91 @@ class HookedRootModule(nn.Module):
 
     hook_dict: dict[str, HookPoint]
 
+    def axis_sizes(self) -> dict[str, int]:
+        """Sizes of the model's named axes (``d_model``, ``head`` ...), filled into every hook layout."""
+        return {}
+
     def setup(self) -> None:
-        """(Re)name every hook point by its module path and rebuild ``hook_dict``."""
+        """(Re)name every hook point by its module path, give each layout its sizes, rebuild
+        ``hook_dict`` and the layout index."""
         self.hook_dict = {}
+        self._layout_index: dict[tuple, str] = {}
+        sizes = self.axis_sizes()
         for name, module in self.named_modules():
             if isinstance(module, HookPoint):
                 module.name = name
-                self.hook_dict[name] = module
+                # a hook point that was placed on a host (see below) and is now a root's own again
+                module.layout = module.__dict__.pop("_unplaced_layout", module.layout)
+                if module.layout is not None:
+                    module.layout = module.layout.with_sizes(sizes)
+                self._register(name, module)
                 self._add_spliced_hook_points(name, module)
 
+    def _register(self, name: str, hp: HookPoint) -> None:
+        self.hook_dict[name] = hp
+        lay = hp.layout
+        if lay is not None:
+            self._layout_index.setdefault((lay.component, lay.site, lay.layer, lay.host), name)
+
     def _add_spliced_hook_points(self, name: str, hp: HookPoint) -> None:
-        """Hook points of a module spliced into ``hp`` (an SAE) are named ``{hp.name}.{local}``."""
+        """Hook points of a module spliced into ``hp`` (an SAE) are named ``{hp.name}.{local}``;
+        their layouts are placed on the host's (its layer, its leading axes, or those the module's
+        ``splice_axes(host_layout)`` says it keeps)."""
         splice = hp.splice
         if splice is None:
             return
+        leading = None
+        if hp.layout is not None and hasattr(splice, "splice_axes"):
+            leading = splice.splice_axes(hp.layout)
         for local, module in splice.named_modules():
             if isinstance(module, HookPoint) and local:
                 full = f"{name}.{local}"
                 module.name = full
-                self.hook_dict[full] = module
+                if module.layout is not None and hp.layout is not None:
+                    unplaced = module.__dict__.setdefault("_unplaced_layout", module.layout)
+                    module.layout = unplaced.on_host(name, hp.layout, leading)
+                self._register(full, module)
                 self._add_spliced_hook_points(full, module)
+
+    # -- layouts ------------------------------------------------------------------------------
+    def hook_layout(self, name: str) -> HookLayout:
+        """The layout of the hook point ``name`` (a KeyError with close matches for a bad name)."""
+        hp = self.hook_dict.get(name)
+        if hp is None:
+            raise unknown_name_error(name, self.hook_dict)
+        if hp.layout is None:
+            raise ValueError(f"hook point {name!r} declares no layout")
+        return hp.layout
+
+    def hook_name(self, site: str, layer: int | None = None, component: str | None = None,
+                  host: str | None = None) -> str:
+        """The name of the hook point with this layout: ``model.hook_name("z", 3)`` is
+        ``"blocks.3.attn.hook_z"``; ``hook_name("scale", 2, "ln1")``; ``hook_name("sae_acts_post",
+        host="blocks.3.hook_resid_post")``. Negative layers count from the end."""
+        n_layers = getattr(getattr(self, "cfg", None), "n_layers", None)
+        if layer is not None and layer < 0 and n_layers is not None:
+            layer += n_layers
+        for (comp, s, lay, h), name in self._layout_index.items():
+            if s == site and lay == layer and h == host and (component is None or comp == component):
+                return name
+        sites = sorted({k[1] for k in self._layout_index})
+        where = "" if layer is None else f" in layer {layer}"
+        comp = "" if component is None else f" (component {component!r})"
+        on = "" if host is None else f" spliced at {host!r}"
+        raise KeyError(f"this model has no hook site {site!r}{where}{comp}{on}; sites: {', '.join(sites)}")
+
+    def find_hooks(self, component: str | None = None, site: str | None = None, layer: int | None = None,
+                   host: str | None = None) -> list[str]:
+        """Names of the hook points whose layout matches every given field, in module order (blocks in layer order)."""
+        out = []
+        for name, hp in self.hook_dict.items():
+            lay = hp.layout
+            if lay is None:
+                continue
+            if ((component is None or lay.component == component) and (site is None or lay.site == site)
+                    and (layer is None or lay.layer == layer) and (host is None or lay.host == host)):
+                out.append(name)
+        return out
 
     # -- lookup -------------------------------------------------------------------------------
     def hook_points(self) -> list[HookPoint]:
@@ -107,7 +174,7 @@ class HookedRootModule(nn.Module):
         bwd_hooks: HookSpec = (),
         reset_hooks_end: bool = True,
         clear_contexts: bool = False,
-    ) -> Iterator["HookedRootModule"]:
+    ) -> Iterator[HookedRootModule]:
         """Add hooks for the duration of a ``with`` block; remove exactly these on exit.
 
         All names are resolved before any hook is added, so a bad name changes nothing.

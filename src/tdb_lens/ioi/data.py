@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Iterator, Optional, Protocol, Sequence, Union
+from typing import Optional, Protocol, Union
 
 import torch
 
@@ -178,7 +179,7 @@ class IOIPrompt:
         place: Optional[str] = None,
         obj: Optional[str] = None,
         s2: Optional[str] = None,
-    ) -> "IOIPrompt":
+    ) -> IOIPrompt:
         """Fill template ``template`` (order ``order``) with the given words."""
         text, _ = _render(template, order, io, s, s2 if s2 is not None else s, place, obj)
         uses = set(_SLOT.findall(TEMPLATES[order][template]))
@@ -311,13 +312,13 @@ class IOIBatch:
             raise KeyError(f"unknown IOI position {name!r}; expected one of {sorted(self._POSITIONS)}")
         return getattr(self, key)
 
-    def to(self, device) -> "IOIBatch":
+    def to(self, device) -> IOIBatch:
         moved = {
             k: v.to(device) for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)
         }
         return replace(self, **moved)
 
-    def __getitem__(self, idx) -> "IOIBatch":
+    def __getitem__(self, idx) -> IOIBatch:
         """A sub-batch (``idx``: slice, list of indices or index tensor); padding is left as it is."""
         if isinstance(idx, int):
             idx = [idx]
@@ -469,7 +470,7 @@ class IOIDataset:
         names: Sequence[str] = NAMES,
         places: Sequence[str] = PLACES,
         objects: Sequence[str] = OBJECTS,
-    ) -> "IOIDataset":
+    ) -> IOIDataset:
         """``n_prompts`` prompts, deterministic for ``seed``.
 
         Prompt ``i`` uses the ``i % k``-th of the ``k`` (template, order) pairs (templates outer,
@@ -508,7 +509,7 @@ class IOIDataset:
         return cls(prompts, names, places, objects, seed)
 
     # -- corruptions
-    def abc(self, seed: Optional[int] = None) -> "IOIDataset":
+    def abc(self, seed: Optional[int] = None) -> IOIDataset:
         """The ABC corruption: each prompt with its IO, S1 and S2 slots filled by three new,
         distinct names drawn at random (template, order, place and object kept). ``io``/``s``/``s2``
         of the result are the names at those slots."""
@@ -519,7 +520,7 @@ class IOIDataset:
             out.append(IOIPrompt.build(p.template, p.order, a, b, p.place, p.obj, s2=c))
         return IOIDataset(out, self.names, self.places, self.objects, self.seed)
 
-    def flipped(self) -> "IOIDataset":
+    def flipped(self) -> IOIDataset:
         """Each prompt in the other order (ABBA <-> BABA), same names, place and object: the S1
         and IO names trade places in the first clause."""
         out = [

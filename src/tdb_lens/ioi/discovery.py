@@ -21,13 +21,15 @@ Everything here composes the tools of :mod:`tdb_lens.attribution` over the IOI p
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 from jaxtyping import Float
 
-from ..attribution import LogitDiff, Node, compute_means, direct_effects as _direct_effects, path_patch
+from ..attribution import LogitDiff, Node, compute_means, path_patch
+from ..attribution import direct_effects as _direct_effects
 from ..attribution.circuits import circuit_hooks
 from ..models.engine import HookedTransformer
 from .data import IOIBatch, IOIDataset, per_template_groups
@@ -85,7 +87,7 @@ class IOIContext:
     clean_ld: torch.Tensor  # [batch]
 
     @classmethod
-    def from_dataset(cls, model: HookedTransformer, dataset: IOIDataset, abc_seed: Optional[int] = None) -> "IOIContext":
+    def from_dataset(cls, model: HookedTransformer, dataset: IOIDataset, abc_seed: Optional[int] = None) -> IOIContext:
         """Tokenize ``dataset`` and its ABC corruption; group the prompts by template."""
         abc = dataset.abc(abc_seed)
         groups = per_template_groups(dataset)
@@ -95,7 +97,7 @@ class IOIContext:
         return cls.build(model, dataset.to_batch(model), abc.to_batch(model), ids)
 
     @classmethod
-    def build(cls, model: HookedTransformer, clean: IOIBatch, abc: IOIBatch, group_ids) -> "IOIContext":
+    def build(cls, model: HookedTransformer, clean: IOIBatch, abc: IOIBatch, group_ids) -> IOIContext:
         ids = torch.as_tensor(group_ids).long().cpu()
         if clean.tokens.shape != abc.tokens.shape:
             raise ValueError(f"clean tokens {tuple(clean.tokens.shape)} and ABC tokens {tuple(abc.tokens.shape)} differ: "

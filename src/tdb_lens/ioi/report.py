@@ -153,7 +153,7 @@ def format_report(r: dict) -> str:
     lines += ["", f"  {'class':<20} {'head':>6} {'direct':>8} {'attr@END':>9} {'attr@S2':>8} {'attr@S1+1':>10} "
                   f"{'knockout':>9} {'induct':>7} {'dup':>6} {'prev':>6} {'path':>7}"]
     for row in r["heads"]:
-        g = lambda k, w, d=2: f"{row[k]:>{w}.{d}f}" if k in row else " " * w  # noqa: E731
+        g = lambda k, w, d=2: f"{row[k]:>{w}.{d}f}" if k in row else " " * w
         lines.append(f"  {row['class']:<20} {row['head']:>6} {g('direct_effect', 8)} {g('attr_end', 9)} {g('attr_s2', 8)} "
                      f"{g('attr_s1_plus_1', 10)} {g('knockout_estimate', 9)} {g('detector_induction', 7)} "
                      f"{g('detector_duplicate', 6)} {g('detector_previous', 6)} {g('path_patching', 7)}")

@@ -18,6 +18,30 @@ from jaxtyping import Float
 from torch import nn
 
 from ..hooks import HookPoint
+from ..hooks.layout import layout
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts
+# --------------------------------------------------------------------------------------------
+def norm_hook_points(component: str = "ln_final") -> tuple[HookPoint, HookPoint]:
+    """``hook_scale [batch, pos, singleton]`` and ``hook_normalized [batch, pos, d_model]`` of a norm.
+
+    The owner (a `Block`: ln1 / ln2) re-stamps the component; a free-standing norm is the final one.
+    """
+    return (HookPoint(layout(component, "scale", "batch", "pos", "singleton")),
+            HookPoint(layout(component, "normalized", "batch", "pos", "d_model")))
+
+
+def stamp(module: nn.Module, **fields) -> None:
+    """Set layout fields (``layer=``, ``component=``) on every hook point inside ``module``.
+
+    Used by owners at construction: a block stamps its layer on everything it holds, and names
+    its two norms ``ln1`` and ``ln2``.
+    """
+    for hp in module.modules():
+        if isinstance(hp, HookPoint) and hp.layout is not None:
+            hp.layout = hp.layout.stamped(**fields)
 
 
 # --------------------------------------------------------------------------------------------
@@ -36,8 +60,7 @@ class LayerNorm(nn.Module):
         self.d, self.eps = d, eps
         self.weight: Optional[nn.Parameter] = nn.Parameter(torch.ones(d))
         self.bias: Optional[nn.Parameter] = nn.Parameter(torch.zeros(d))
-        self.hook_scale = HookPoint()
-        self.hook_normalized = HookPoint()
+        self.hook_scale, self.hook_normalized = norm_hook_points()
 
     def forward(self, x: Float[torch.Tensor, "... d"]) -> Float[torch.Tensor, "... d"]:
         if not (self.hook_scale.has_hooks or self.hook_normalized.has_hooks):
@@ -53,6 +76,13 @@ class LayerNorm(nn.Module):
         """Components of a residual normalised with its (frozen) scale; they sum to ``hook_normalized``."""
         return (stack - stack.mean(-1, keepdim=True)) / scale
 
+    def with_scale(self, x: Float[torch.Tensor, "... d"], scale: torch.Tensor) -> Float[torch.Tensor, "... d"]:
+        """This norm with its scale fixed to ``scale``: linear in ``x`` (weight and bias applied)."""
+        y = self.normalize_stack(x, scale)
+        if self.weight is not None:
+            y = y * self.weight
+        return y if self.bias is None else y + self.bias
+
 
 class RMSNorm(nn.Module):
     """RMSNorm (no centring) with the same hooks as `LayerNorm`. Computed in float32, as Hugging Face does."""
@@ -63,8 +93,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.d, self.eps = d, eps
         self.weight: Optional[nn.Parameter] = nn.Parameter(torch.ones(d))
-        self.hook_scale = HookPoint()
-        self.hook_normalized = HookPoint()
+        self.hook_scale, self.hook_normalized = norm_hook_points()
 
     def forward(self, x: Float[torch.Tensor, "... d"]) -> Float[torch.Tensor, "... d"]:
         dtype = x.dtype
@@ -81,6 +110,11 @@ class RMSNorm(nn.Module):
     def normalize_stack(self, stack: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return stack / scale
 
+    def with_scale(self, x: Float[torch.Tensor, "... d"], scale: torch.Tensor) -> Float[torch.Tensor, "... d"]:
+        """This norm with its scale fixed to ``scale``: linear in ``x`` (weight applied)."""
+        y = self.normalize_stack(x, scale)
+        return y if self.weight is None else y * self.weight
+
 
 # --------------------------------------------------------------------------------------------
 # Per-forward context and KV cache
@@ -94,7 +128,7 @@ class KVCache:
     attention_mask: Optional[torch.Tensor] = None  # [batch, past_len] (1 = real token)
 
     @classmethod
-    def empty(cls, n_layers: int) -> "KVCache":
+    def empty(cls, n_layers: int) -> KVCache:
         return cls([None] * n_layers, [None] * n_layers)
 
     @property
@@ -161,13 +195,13 @@ class Attention(nn.Module):
         self.scale = d_head ** -0.5
         self.use_attn_result = False  # per-head hook_result [b, p, h, d_model]: costs h x attn_out memory
         self.use_split_qkv_input = False  # per-head q/k/v inputs (set through the model)
-        self.hook_q = HookPoint()
-        self.hook_k = HookPoint()
-        self.hook_v = HookPoint()
-        self.hook_attn_scores = HookPoint()
-        self.hook_pattern = HookPoint()
-        self.hook_z = HookPoint()
-        self.hook_result = HookPoint()
+        self.hook_q = HookPoint(layout("attn", "q", "batch", "pos", "head", "d_head"))
+        self.hook_k = HookPoint(layout("attn", "k", "batch", "pos", "kv_head", "d_head"))
+        self.hook_v = HookPoint(layout("attn", "v", "batch", "pos", "kv_head", "d_head"))
+        self.hook_attn_scores = HookPoint(layout("attn", "attn_scores", "batch", "head", "query_pos", "key_pos"))
+        self.hook_pattern = HookPoint(layout("attn", "pattern", "batch", "head", "query_pos", "key_pos"))
+        self.hook_z = HookPoint(layout("attn", "z", "batch", "pos", "head", "d_head"))
+        self.hook_result = HookPoint(layout("attn", "result", "batch", "pos", "head", "d_model"))
 
     # -- architecture-specific ----------------------------------------------------------------
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -267,17 +301,31 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: ``resid + attn(ln1(resid))``, then ``+ mlp(ln2(resid))``."""
 
-    def __init__(self, ln1: nn.Module, attn: Attention, ln2: nn.Module, mlp: nn.Module) -> None:
+    def __init__(self, ln1: nn.Module, attn: Attention, ln2: nn.Module, mlp: nn.Module, layer: int) -> None:
         super().__init__()
         self.ln1, self.attn, self.ln2, self.mlp = ln1, attn, ln2, mlp
-        self.hook_resid_pre = HookPoint()
-        self.hook_q_input = HookPoint()
-        self.hook_k_input = HookPoint()
-        self.hook_v_input = HookPoint()
-        self.hook_attn_out = HookPoint()
-        self.hook_resid_mid = HookPoint()
-        self.hook_mlp_out = HookPoint()
-        self.hook_resid_post = HookPoint()
+        resid = ("batch", "pos", "d_model")
+        self.hook_resid_pre = HookPoint(layout("resid", "resid_pre", *resid))
+        self.hook_q_input = HookPoint(layout("attn", "q_input", "batch", "pos", "head", "d_model"))
+        self.hook_k_input = HookPoint(layout("attn", "k_input", "batch", "pos", "kv_head", "d_model"))
+        self.hook_v_input = HookPoint(layout("attn", "v_input", "batch", "pos", "kv_head", "d_model"))
+        self.hook_attn_out = HookPoint(layout("attn", "attn_out", *resid))
+        self.hook_resid_mid = HookPoint(layout("resid", "resid_mid", *resid))
+        self.hook_mlp_out = HookPoint(layout("mlp", "mlp_out", *resid))
+        self.hook_resid_post = HookPoint(layout("resid", "resid_post", *resid))
+        self.layer = layer
+        stamp(self.ln1, component="ln1")
+        stamp(self.ln2, component="ln2")
+        stamp(self, layer=layer)
+
+    def set_split_qkv_input(self, use: bool) -> None:
+        """Per-head q/k/v inputs (see `_split_inputs`); ln1's hooks then gain a ``qkv_head`` axis."""
+        self.attn.use_split_qkv_input = use
+        head = ("qkv_head",) if use else ()
+        self.ln1.hook_scale.layout = layout("ln1", "scale", "batch", "pos", *head, "singleton").stamped(
+            layer=self.layer, sizes=self.ln1.hook_scale.layout.sizes)
+        self.ln1.hook_normalized.layout = layout("ln1", "normalized", "batch", "pos", *head, "d_model").stamped(
+            layer=self.layer, sizes=self.ln1.hook_normalized.layout.sizes)
 
     def forward(self, resid: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         resid = self.hook_resid_pre(resid)

@@ -7,7 +7,8 @@ A family module subclasses it and provides ``embed(tokens, ctx)``, ``unembed(res
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from ..hooks import HookedRootModule, HookPoint
+from ..hooks.layout import layout
 from ..sae.attach import SAEHostMixin
 from ..tokenizer import Tokenizer
 from .components import ForwardContext, KVCache
@@ -29,7 +31,13 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.hook_embed = HookPoint()
+        self.hook_embed = HookPoint(layout("embed", "embed", "batch", "pos", "d_model"))
+
+    def axis_sizes(self) -> dict[str, int]:
+        c = self.cfg
+        kv = getattr(c, "n_key_value_heads", c.n_heads)
+        return {"d_model": c.d_model, "head": c.n_heads, "kv_head": kv, "d_head": c.d_head, "d_mlp": c.d_mlp,
+                "d_vocab": c.d_vocab, "qkv_head": c.n_heads + 2 * kv, "singleton": 1}
 
     # ---- family-specific --------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -136,24 +144,51 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
         return hits[0] if mode == "first" else hits[-1]
 
     # ---- forward ----------------------------------------------------------------------------
-    def _prepare(self, input: TextOrTokens, attention_mask, prepend_bos, padding_side):
+    def prepare_input(
+        self,
+        input: TextOrTokens,
+        attention_mask: Optional[torch.Tensor] = None,
+        prepend_bos: Optional[bool] = None,
+        padding_side: Optional[str] = None,
+    ) -> tuple[Int[torch.Tensor, "batch pos"], Optional[Int[torch.Tensor, "batch pos"]]]:
+        """``(tokens [batch, pos], mask or None)`` from text, a list of texts or token ids.
+
+        Everything that runs the model (forward, attribution, patching) starts here, so every
+        input is checked the same way. The mask is None when every position is real.
+        """
         if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
             tokens, mask = self.to_tokens_and_mask(input, prepend_bos, padding_side or "right")  # type: ignore[arg-type]
-            return tokens, mask if attention_mask is None else attention_mask
-        tokens = torch.as_tensor(input, device=self.device)
-        if tokens.ndim == 1:
-            tokens = tokens[None]
-        if tokens.ndim != 2 or tokens.is_floating_point():
-            raise ValueError(f"tokens must be integer ids [batch, pos], got dtype {tokens.dtype} shape {tuple(tokens.shape)}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
-            raise ValueError(f"token ids must lie in [0, {self.cfg.d_vocab}), got range [{int(tokens.min())}, {int(tokens.max())}]")
-        if attention_mask is not None:
-            attention_mask = torch.as_tensor(attention_mask, device=tokens.device)
-            if attention_mask.shape != tokens.shape:
-                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != tokens shape {tuple(tokens.shape)}")
-        return tokens, attention_mask
+            if attention_mask is not None:
+                mask = self._check_mask(attention_mask, tokens)
+        else:
+            if isinstance(input, (list, tuple)) and len(input) == 0:
+                raise ValueError("the input is empty: pass text, a list of texts or token ids [batch, pos]")
+            tokens = torch.as_tensor(input, device=self.device)
+            if tokens.ndim == 1:
+                tokens = tokens[None]
+            if tokens.ndim != 2 or tokens.is_floating_point() or tokens.dtype == torch.bool:
+                raise ValueError(f"tokens must be integer ids [batch, pos], got dtype {tokens.dtype} "
+                                 f"shape {tuple(tokens.shape)}")
+            if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
+                raise ValueError(f"token ids must lie in [0, {self.cfg.d_vocab}), "
+                                 f"got range [{int(tokens.min())}, {int(tokens.max())}]")
+            mask = None if attention_mask is None else self._check_mask(attention_mask, tokens)
+        if mask is not None and bool(mask.all()):
+            mask = None
+        return tokens, mask
+
+    @staticmethod
+    def _check_mask(attention_mask: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        mask = torch.as_tensor(attention_mask, device=tokens.device)
+        if mask.shape != tokens.shape:
+            raise ValueError(f"attention_mask shape {tuple(mask.shape)} != tokens shape {tuple(tokens.shape)}")
+        if mask.is_floating_point() or not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("attention_mask must hold 0 (padding) and 1 (real token) as integers or booleans, "
+                             f"got dtype {mask.dtype} with values {sorted(set(mask.flatten().tolist()))[:5]}")
+        return mask.long()
 
     def make_context(self, batch: int, n_pos: int, attention_mask, kv_cache: Optional[KVCache], device) -> ForwardContext:
+        """Positions and masks for one forward of ``batch`` x ``n_pos`` tokens (after ``kv_cache``'s)."""
         past = kv_cache.length if kv_cache is not None else 0
         if past + n_pos > self.cfg.n_ctx:
             raise ValueError(f"sequence too long: {past + n_pos} positions, the model's context is {self.cfg.n_ctx}")
@@ -172,6 +207,38 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
             positions = torch.arange(past, past + n_pos, device=device)[None].expand(batch, n_pos)
         return ForwardContext(positions=positions, key_mask=full_mask, kv_cache=kv_cache)
 
+    def run_blocks(
+        self,
+        resid: Float[torch.Tensor, "batch pos d_model"],
+        ctx: ForwardContext,
+        start: int = 0,
+        stop: Optional[int] = None,
+    ) -> Float[torch.Tensor, "batch pos d_model"]:
+        """Blocks ``start .. stop-1`` on the residual stream entering block ``start`` (hooks fire)."""
+        n = self.cfg.n_layers
+        start = start + n if start < 0 else start
+        stop = n if stop is None else (stop + n if stop < 0 else stop)
+        if not 0 <= start <= stop <= n:
+            raise ValueError(f"blocks {start}..{stop} are not a range of this model's {n} layers")
+        for block in self.blocks[start:stop]:  # type: ignore[attr-defined]
+            resid = block(resid, ctx)
+        return resid
+
+    def final_norm(
+        self, resid: Float[torch.Tensor, "... d_model"], scale: Optional[Float[torch.Tensor, "... 1"]] = None
+    ) -> Float[torch.Tensor, "... d_model"]:
+        """The final norm; with ``scale`` it is applied with that scale fixed (linear in ``resid``)."""
+        if scale is None:
+            return self.ln_final(resid)  # type: ignore[attr-defined]
+        return self.ln_final.with_scale(resid, scale)  # type: ignore[attr-defined]
+
+    def logits_from_resid(
+        self, resid: Float[torch.Tensor, "... d_model"], norm_scale: Optional[Float[torch.Tensor, "... 1"]] = None
+    ) -> Float[torch.Tensor, "... d_vocab"]:
+        """Logits from the final residual stream: final norm (its scale fixed to ``norm_scale`` when
+        given), then the family's unembedding, exactly as ``forward`` computes them."""
+        return self.unembed(self.final_norm(resid, norm_scale))
+
     def forward(
         self,
         input: TextOrTokens,
@@ -182,29 +249,42 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
         prepend_bos: Optional[bool] = None,
         padding_side: Optional[str] = None,
         loss_per_token: bool = False,
+        start_at_layer: Optional[int] = None,
+        tokens: Optional[torch.Tensor] = None,
     ):
         """Run the model.
 
         ``return_type``: "logits" [batch, pos, vocab], "loss" (mean next-token loss over real
         tokens), "both", or None. ``stop_at_layer=l`` returns the residual stream entering block
-        ``l`` (blocks ``0..l-1`` run). Padded positions (``attention_mask == 0``) are never attended
-        to, so each sequence of a right-padded batch computes exactly what it computes alone.
+        ``l`` (blocks ``0..l-1`` run). ``start_at_layer=l`` takes ``input`` as the residual stream
+        entering block ``l`` [batch, pos, d_model] (pass ``tokens`` too for a loss). Padded
+        positions (``attention_mask == 0``) are never attended to, so each sequence of a
+        right-padded batch computes exactly what it computes alone.
         """
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
-        tokens, mask = self._prepare(input, attention_mask, prepend_bos, padding_side)
-        ctx = self.make_context(tokens.shape[0], tokens.shape[1], mask, past_kv_cache, tokens.device)
-        resid = self.embed(tokens, ctx)
-        blocks = self.blocks  # type: ignore[attr-defined]
-        if stop_at_layer is not None:
-            blocks = blocks[:stop_at_layer]
-        for block in blocks:
-            resid = block(resid, ctx)
+        if start_at_layer is None:
+            tokens, mask = self.prepare_input(input, attention_mask, prepend_bos, padding_side)
+            ctx = self.make_context(tokens.shape[0], tokens.shape[1], mask, past_kv_cache, tokens.device)
+            resid = self.embed(tokens, ctx)
+            start = 0
+        else:
+            resid = torch.as_tensor(input)
+            if resid.ndim != 3 or resid.shape[-1] != self.cfg.d_model or not resid.is_floating_point():
+                raise ValueError(f"with start_at_layer the input is the residual stream [batch, pos, "
+                                 f"d_model={self.cfg.d_model}], got {tuple(resid.shape)} {resid.dtype}")
+            mask = None if attention_mask is None else self._check_mask(attention_mask, resid[..., 0].long())
+            ctx = self.make_context(resid.shape[0], resid.shape[1], mask, past_kv_cache, resid.device)
+            start = start_at_layer
+            if return_type in ("loss", "both") and tokens is None:
+                raise ValueError("a loss from start_at_layer needs the tokens: pass tokens=...")
+        resid = self.run_blocks(resid, ctx, start, stop_at_layer)
         if stop_at_layer is not None:
             return resid
         if return_type is None:
+            self.ln_final(resid)  # the final norm's hooks fire (and are cached) as in a full run
             return None
-        logits = self.unembed(self.ln_final(resid))  # type: ignore[attr-defined]
+        logits = self.logits_from_resid(resid)
         if return_type == "logits":
             return logits
         loss = self.loss_fn(logits, tokens, mask, per_token=loss_per_token)
@@ -270,7 +350,8 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
         """Per-head copies of the residual at ``hook_q_input``/``hook_k_input``/``hook_v_input``
         [batch, pos, head, d_model]: (n_heads + 2 n_kv_heads) times the residual's memory."""
         for b in self.blocks:  # type: ignore[attr-defined]
-            b.attn.use_split_qkv_input = use
+            b.set_split_qkv_input(use)
+        self.setup()
 
     # ---- generation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -300,7 +381,7 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
         if from_text:
             tokens, mask = self.to_tokens_and_mask(input, prepend_bos, padding_side="left")  # type: ignore[arg-type]
         else:
-            tokens, mask = self._prepare(input, None, prepend_bos, None)
+            tokens, mask = self.prepare_input(input, None, prepend_bos, None)
         if mask is None:
             mask = torch.ones_like(tokens)
         stops = set(stop_tokens or [])

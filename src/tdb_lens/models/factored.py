@@ -30,7 +30,7 @@ class FactoredMatrix:
         return min(self.A.shape[-1], self.A.shape[-2], self.B.shape[-1])
 
     @property
-    def T(self) -> "FactoredMatrix":
+    def T(self) -> FactoredMatrix:
         return FactoredMatrix(self.B.transpose(-1, -2), self.A.transpose(-1, -2))
 
     def __matmul__(self, other):
@@ -38,7 +38,7 @@ class FactoredMatrix:
             return FactoredMatrix(self.A, (self.B @ other.A) @ other.B)
         return FactoredMatrix(self.A, self.B @ other)
 
-    def __rmatmul__(self, other: torch.Tensor) -> "FactoredMatrix":
+    def __rmatmul__(self, other: torch.Tensor) -> FactoredMatrix:
         return FactoredMatrix(other @ self.A, self.B)
 
     def svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

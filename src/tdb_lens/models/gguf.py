@@ -395,7 +395,7 @@ class GGUFCheckpoint:
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         if self.chat_template is None:
             raise ValueError(f"{self.metadata.get('path')} has no tokenizer.chat_template")
-        tok = lambda i: self.tokenizer.id_to_token(i) if i is not None else ""  # noqa: E731
+        tok = lambda i: self.tokenizer.id_to_token(i) if i is not None else ""
         return render_chat(self.chat_template, messages, add_generation_prompt,
                            bos_token=tok(self.bos_token_id), eos_token=tok(self.eos_token_id), **kwargs)  # fmt: skip
 

@@ -16,6 +16,7 @@ from jaxtyping import Float
 from torch import nn
 
 from ..hooks import HookPoint
+from ..hooks.layout import layout
 from ..tokenizer import Tokenizer, gpt2_tokenizer
 from .components import Attention, Block, ForwardContext, LayerNorm
 from .engine import HookedTransformer
@@ -55,7 +56,7 @@ class GPT2Config:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "GPT2Config":
+    def from_hf(cls, hf: dict) -> GPT2Config:
         act = hf.get("activation_function", "gelu_new")
         if act != "gelu_new":
             raise ValueError(f"only GPT-2's gelu_new activation is supported, config has {act!r}")
@@ -123,8 +124,8 @@ class GPT2MLP(nn.Module):
         super().__init__()
         self.c_fc = Conv1D(cfg.d_model, cfg.d_mlp)
         self.c_proj = Conv1D(cfg.d_mlp, cfg.d_model)
-        self.hook_pre = HookPoint()
-        self.hook_post = HookPoint()
+        self.hook_pre = HookPoint(layout("mlp", "pre", "batch", "pos", "d_mlp"))
+        self.hook_post = HookPoint(layout("mlp", "post", "batch", "pos", "d_mlp"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # gelu_new is GELU's tanh approximation
@@ -146,9 +147,9 @@ class HookedGPT2(HookedTransformer):
         super().__init__(cfg, tokenizer)
         self.wte = nn.Embedding(cfg.d_vocab, cfg.d_model)
         self.wpe = nn.Embedding(cfg.n_ctx, cfg.d_model)
-        self.hook_pos_embed = HookPoint()
+        self.hook_pos_embed = HookPoint(layout("embed", "pos_embed", "batch", "pos", "d_model"))
         self.blocks = nn.ModuleList(
-            Block(LayerNorm(cfg.d_model, cfg.eps), GPT2Attention(cfg, l), LayerNorm(cfg.d_model, cfg.eps), GPT2MLP(cfg))
+            Block(LayerNorm(cfg.d_model, cfg.eps), GPT2Attention(cfg, l), LayerNorm(cfg.d_model, cfg.eps), GPT2MLP(cfg), l)
             for l in range(cfg.n_layers)
         )
         self.ln_final = LayerNorm(cfg.d_model, cfg.eps)
@@ -189,7 +190,7 @@ class HookedGPT2(HookedTransformer):
         cls, cfg: Optional[GPT2Config] = None, seed: Optional[int] = None, tokenizer: Optional[Tokenizer] = None,
         fold_ln: bool = False, center_writing_weights: bool = False, center_unembed: bool = False,
         fold_value_biases: bool = False, **kw,
-    ) -> "HookedGPT2":
+    ) -> HookedGPT2:
         """Random weights, initialised as Hugging Face initialises GPT-2 (normal(0, 0.02)).
 
         The processing flags are `processing.process_weights_`'s (all off by default)."""
@@ -224,7 +225,7 @@ class HookedGPT2(HookedTransformer):
         cls, name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
         tokenizer: Optional[Tokenizer] = None, fold_ln: bool = False, center_writing_weights: bool = False,
         center_unembed: bool = False, fold_value_biases: bool = False,
-    ) -> "HookedGPT2":
+    ) -> HookedGPT2:
         """GPT-2 from the hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2), a local Hugging
         Face directory (config.json + model.safetensors or a sharded index).
 
@@ -240,14 +241,14 @@ class HookedGPT2(HookedTransformer):
     def from_hf_model(
         cls, hf_model, tokenizer: Optional[Tokenizer] = None, fold_ln: bool = False,
         center_writing_weights: bool = False, center_unembed: bool = False, fold_value_biases: bool = False,
-    ) -> "HookedGPT2":
+    ) -> HookedGPT2:
         """From an in-memory ``transformers`` ``GPT2LMHeadModel`` (weights copied; processing flags as
         `from_pretrained`)."""
         cfg = GPT2Config.from_hf(hf_model.config.to_dict())
         model = cls._load(cfg, DictSource(hf_model.state_dict()), torch.float32, "cpu", tokenizer, what="transformers model")
         return model._process(fold_ln, center_writing_weights, center_unembed, fold_value_biases)
 
-    def _process(self, fold_ln: bool, center_writing_weights: bool, center_unembed: bool, fold_value_biases: bool) -> "HookedGPT2":
+    def _process(self, fold_ln: bool, center_writing_weights: bool, center_unembed: bool, fold_value_biases: bool) -> HookedGPT2:
         if not (fold_ln or center_writing_weights or center_unembed or fold_value_biases):
             return self
         from .processing import process_weights_
@@ -256,14 +257,14 @@ class HookedGPT2(HookedTransformer):
                                 center_unembed=center_unembed, fold_value_biases=fold_value_biases)
 
     @classmethod
-    def _load(cls, cfg, source, dtype, device, tokenizer, what: str) -> "HookedGPT2":
+    def _load(cls, cfg, source, dtype, device, tokenizer, what: str) -> HookedGPT2:
         model = load_state_into(lambda: cls._with_default_tokenizer(cfg, tokenizer), source, cls._rename,
                                 dtype=dtype, what=what)
         model.setup()
         return model.to(device)
 
     @classmethod
-    def _with_default_tokenizer(cls, cfg: GPT2Config, tokenizer: Optional[Tokenizer]) -> "HookedGPT2":
+    def _with_default_tokenizer(cls, cfg: GPT2Config, tokenizer: Optional[Tokenizer]) -> HookedGPT2:
         """The model with ``tokenizer``, else GPT-2's own when the vocabulary is GPT-2's (50257 ids),
         else none (text input then raises, saying why)."""
         if tokenizer is not None:

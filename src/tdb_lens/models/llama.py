@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hooks import HookPoint
+from ..hooks.layout import layout
 from ..tokenizer import HFTokenizer, Tokenizer
 from .components import Attention, Block, ForwardContext, RMSNorm
 from .engine import HookedTransformer
@@ -51,7 +52,7 @@ class LlamaConfig:
             raise ValueError(f"n_heads {self.n_heads} must be a multiple of n_key_value_heads {self.n_key_value_heads}")
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "LlamaConfig":
+    def from_hf(cls, hf: dict) -> LlamaConfig:
         mt = hf.get("model_type", "llama")
         if mt not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {mt!r} is not a Llama-family architecture; supported: {SUPPORTED_MODEL_TYPES}")
@@ -124,8 +125,8 @@ class LlamaAttention(Attention):
         self.k_proj = nn.Linear(cfg.d_model, kd, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.d_model, kd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(hd, cfg.d_model, bias=False)
-        self.hook_rot_q = HookPoint()
-        self.hook_rot_k = HookPoint()
+        self.hook_rot_q = HookPoint(layout("attn", "rot_q", "batch", "pos", "head", "d_head"))
+        self.hook_rot_k = HookPoint(layout("attn", "rot_k", "batch", "pos", "kv_head", "d_head"))
 
     def project(self, x):
         b, p, _ = x.shape
@@ -174,9 +175,9 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
         self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
-        self.hook_pre = HookPoint()
-        self.hook_pre_linear = HookPoint()
-        self.hook_post = HookPoint()
+        self.hook_pre = HookPoint(layout("mlp", "pre", "batch", "pos", "d_mlp"))
+        self.hook_pre_linear = HookPoint(layout("mlp", "pre_linear", "batch", "pos", "d_mlp"))
+        self.hook_post = HookPoint(layout("mlp", "post", "batch", "pos", "d_mlp"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         post = F.silu(self.hook_pre(self.gate_proj(x))) * self.hook_pre_linear(self.up_proj(x))
@@ -196,7 +197,7 @@ class HookedLlama(HookedTransformer):
         super().__init__(cfg, tokenizer)
         self.embed_tokens = nn.Embedding(cfg.d_vocab, cfg.d_model)
         self.blocks = nn.ModuleList(
-            Block(RMSNorm(cfg.d_model, cfg.eps), LlamaAttention(cfg, l), RMSNorm(cfg.d_model, cfg.eps), LlamaMLP(cfg))
+            Block(RMSNorm(cfg.d_model, cfg.eps), LlamaAttention(cfg, l), RMSNorm(cfg.d_model, cfg.eps), LlamaMLP(cfg), l)
             for l in range(cfg.n_layers)
         )
         self.ln_final = RMSNorm(cfg.d_model, cfg.eps)
@@ -250,7 +251,7 @@ class HookedLlama(HookedTransformer):
     # ---- construction -----------------------------------------------------------------------
     @classmethod
     def from_config(cls, cfg: Optional[LlamaConfig] = None, seed: Optional[int] = None,
-                    tokenizer: Optional[Tokenizer] = None, **kw) -> "HookedLlama":
+                    tokenizer: Optional[Tokenizer] = None, **kw) -> HookedLlama:
         cfg = cfg or LlamaConfig(**kw)
         if seed is not None:
             torch.manual_seed(seed)
@@ -278,7 +279,7 @@ class HookedLlama(HookedTransformer):
         return k
 
     @classmethod
-    def _load(cls, cfg: LlamaConfig, source, tokenizer, dtype, device, what: str) -> "HookedLlama":
+    def _load(cls, cfg: LlamaConfig, source, tokenizer, dtype, device, what: str) -> HookedLlama:
         if cfg.tie_word_embeddings and "lm_head.weight" in source.keys():
             cfg.tie_word_embeddings = False  # the checkpoint carries its own unembedding
         model = load_state_into(lambda: cls(cfg, tokenizer), source, cls._rename, dtype=dtype, what=what)
@@ -287,7 +288,7 @@ class HookedLlama(HookedTransformer):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu", tokenizer: Optional[Tokenizer] = None) -> "HookedLlama":
+                        device: str | torch.device = "cpu", tokenizer: Optional[Tokenizer] = None) -> HookedLlama:
         """A Hugging Face Llama-family checkpoint (hub name or local directory; safetensors)."""
         directory = resolve_checkpoint(name_or_path)
         cfg = LlamaConfig.from_hf(read_config(directory))
@@ -296,13 +297,13 @@ class HookedLlama(HookedTransformer):
         return cls._load(cfg, TensorSource(safetensors_files(directory)), tokenizer, dtype, device, str(directory))
 
     @classmethod
-    def from_hf_model(cls, hf_model, tokenizer: Optional[Tokenizer] = None) -> "HookedLlama":
+    def from_hf_model(cls, hf_model, tokenizer: Optional[Tokenizer] = None) -> HookedLlama:
         cfg = LlamaConfig.from_hf(hf_model.config.to_dict())
         return cls._load(cfg, DictSource(hf_model.state_dict()), tokenizer, torch.float32, "cpu", "transformers model")
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                  device: str | torch.device = "cpu") -> "HookedLlama":
+                  device: str | torch.device = "cpu") -> HookedLlama:
         """A GGUF file (F32/F16/Q8_0/Q4_0/Q4_1 dequantised); config and tokenizer from its metadata."""
         from .gguf import read_gguf
 

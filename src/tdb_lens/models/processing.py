@@ -54,14 +54,14 @@ if TYPE_CHECKING:  # pragma: no cover
 PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
 
 
-def _untie_unembed(model: "HookedGPT2") -> None:
+def _untie_unembed(model: HookedGPT2) -> None:
     """Give the model its own ``W_U`` [d_model, d_vocab] (a copy of ``W_E.T``) so ``W_E`` can change alone."""
     if model.W_U_untied is None:
         w = model.wte.weight
         model.W_U_untied = nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad)
 
 
-def _ensure_b_U(model: "HookedGPT2") -> nn.Parameter:
+def _ensure_b_U(model: HookedGPT2) -> nn.Parameter:
     if model.b_U_param is None:
         w = model.W_U
         model.b_U_param = nn.Parameter(
@@ -99,12 +99,12 @@ def _center_rows(t: torch.Tensor) -> None:
 
 @torch.no_grad()
 def process_weights_(
-    model: "HookedGPT2",
+    model: HookedGPT2,
     fold_ln: bool = False,
     center_writing_weights: bool = False,
     center_unembed: bool = False,
     fold_value_biases: bool = False,
-) -> "HookedGPT2":
+) -> HookedGPT2:
     """Apply the chosen TransformerLens weight simplifications to ``model`` in place; returns it.
 
     See the module docstring for which hooks each option changes. The model is edited through its

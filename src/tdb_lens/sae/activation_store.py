@@ -9,7 +9,8 @@ memory stays at ``buffer_size x d_in`` and consecutive batches mix many sequence
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import torch
 from jaxtyping import Float, Int
@@ -178,7 +179,7 @@ class CachedActivations:
         self.batches_read = int(state["batches_read"])
 
     @classmethod
-    def harvest(cls, store: ActivationStore, n: int, batch_size: int, progress: bool = True) -> "CachedActivations":
+    def harvest(cls, store: ActivationStore, n: int, batch_size: int, progress: bool = True) -> CachedActivations:
         """Run ``store``'s model on its token rows (in order, no shuffling) until ``n`` activations are held."""
         parts, have = [], 0
         per_call = store.model_batch_size
@@ -200,7 +201,7 @@ class CachedActivations:
         save_file({"activations": self.activations.contiguous().cpu()}, str(path))
 
     @classmethod
-    def load(cls, path, batch_size: int, seed: int = 0, device=None) -> "CachedActivations":
+    def load(cls, path, batch_size: int, seed: int = 0, device=None) -> CachedActivations:
         from safetensors.torch import load_file
 
         return cls(load_file(str(path))["activations"].to(device or "cpu"), batch_size, seed)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Optional, Union
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from ..hooks import HookedRootModule, HookPoint
 from ..hooks.names import unknown_name_error
@@ -22,12 +23,12 @@ if TYPE_CHECKING:  # pragma: no cover
 SAESpec = Union["SAE", Iterable["SAE"], Mapping[str, "SAE"]]
 
 
-def attached_saes(model: HookedRootModule) -> dict[str, "SAE"]:
+def attached_saes(model: HookedRootModule) -> dict[str, SAE]:
     """``{hook_name: sae}`` for the SAEs spliced into ``model`` now."""
     return dict(model.__dict__.get("_tdb_attached_saes", {}))
 
 
-def _registry(model: HookedRootModule) -> dict[str, "SAE"]:
+def _registry(model: HookedRootModule) -> dict[str, SAE]:
     # A plain dict in __dict__: nn.Module never sees it, so state_dict and .modules() are unchanged.
     return model.__dict__.setdefault("_tdb_attached_saes", {})
 
@@ -58,7 +59,7 @@ def expected_width(model: HookedRootModule, hook_name: str) -> Optional[int]:
     return None
 
 
-def _check_fits(model: HookedRootModule, sae: "SAE", hook_name: str) -> None:
+def _check_fits(model: HookedRootModule, sae: SAE, hook_name: str) -> None:
     width = expected_width(model, hook_name)
     d_in = sae.cfg.d_in
     if width is None:
@@ -74,13 +75,13 @@ def _check_fits(model: HookedRootModule, sae: "SAE", hook_name: str) -> None:
                          f"{width}; was this SAE trained on another model or hook?")
 
 
-def _check_device(model: HookedRootModule, sae: "SAE") -> None:
+def _check_device(model: HookedRootModule, sae: SAE) -> None:
     p = next(iter(model.parameters()), None)
     if p is not None and p.device != sae.device:
         raise ValueError(f"SAE is on {sae.device} but the model is on {p.device}: call sae.to({str(p.device)!r}) first")
 
 
-def add_sae(model: HookedRootModule, sae: "SAE", hook_name: Optional[str] = None, use_error_term: bool = True) -> "SAE":
+def add_sae(model: HookedRootModule, sae: SAE, hook_name: Optional[str] = None, use_error_term: bool = True) -> SAE:
     """Splice ``sae`` in at ``hook_name`` (default: ``sae.cfg.hook_name``).
 
     With ``use_error_term`` the reconstruction error is added back, so the model computes what it
@@ -125,7 +126,7 @@ def add_sae(model: HookedRootModule, sae: "SAE", hook_name: Optional[str] = None
     return sae
 
 
-def _find(model: HookedRootModule, which: Union[str, "SAE", None]) -> list[str]:
+def _find(model: HookedRootModule, which: Union[str, SAE, None]) -> list[str]:
     registry = _registry(model)
     if which is None:
         return list(registry)
@@ -140,7 +141,7 @@ def _find(model: HookedRootModule, which: Union[str, "SAE", None]) -> list[str]:
     return names
 
 
-def remove_sae(model: HookedRootModule, which: Union[str, "SAE", None] = None) -> None:
+def remove_sae(model: HookedRootModule, which: Union[str, SAE, None] = None) -> None:
     """Detach the SAE at a hook name (or this SAE object; None: all of them)."""
     points = _host_hook_points(model)
     registry = _registry(model)
@@ -158,7 +159,7 @@ def reset_saes(model: HookedRootModule) -> None:
     remove_sae(model, None)
 
 
-def _as_pairs(spec: SAESpec) -> list[tuple[Optional[str], "SAE"]]:
+def _as_pairs(spec: SAESpec) -> list[tuple[Optional[str], SAE]]:
     from .sae import SAE
 
     if isinstance(spec, SAE):
@@ -193,10 +194,10 @@ _saes_context = saes  # the mixin's run_with_saes has a parameter named ``saes``
 class SAEHostMixin:
     """``model.add_sae(...)``, ``model.saes(...)``, ``model.reset_saes()``, ``model.attached_saes``."""
 
-    def add_sae(self, sae: "SAE", hook_name: Optional[str] = None, use_error_term: bool = True) -> "SAE":
+    def add_sae(self, sae: SAE, hook_name: Optional[str] = None, use_error_term: bool = True) -> SAE:
         return add_sae(self, sae, hook_name, use_error_term)  # type: ignore[arg-type]
 
-    def remove_sae(self, which: Union[str, "SAE", None] = None) -> None:
+    def remove_sae(self, which: Union[str, SAE, None] = None) -> None:
         remove_sae(self, which)  # type: ignore[arg-type]
 
     def reset_saes(self) -> None:
@@ -206,7 +207,7 @@ class SAEHostMixin:
         return saes(self, spec, use_error_term)  # type: ignore[arg-type]
 
     @property
-    def attached_saes(self) -> dict[str, "SAE"]:
+    def attached_saes(self) -> dict[str, SAE]:
         return attached_saes(self)  # type: ignore[arg-type]
 
     def run_with_saes(self, *model_args: Any, saes: SAESpec = (), use_error_term: bool = False, **model_kwargs: Any):

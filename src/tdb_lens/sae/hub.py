@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import SAEFormatError, SAEHubError
-from .saelens_format import CFG_FILENAME, WEIGHTS_FILENAME, load_saelens
 from .sae import SAE
+from .saelens_format import CFG_FILENAME, WEIGHTS_FILENAME, load_saelens
 
 _GPT2_RES_JB_IDS = [f"blocks.{l}.hook_resid_pre" for l in range(12)] + ["blocks.11.hook_resid_post"]
 
@@ -144,7 +144,8 @@ def _load_with_factor(folder: Path, device, dtype, factor: Optional[float]) -> S
     if norm is True or norm == "expected_average_only_in":
         if factor is None:
             raise SAEFormatError(f"{folder}: normalize_activations='expected_average_only_in' but the release lists no norm_scaling_factor")
-        import tempfile, shutil
+        import shutil
+        import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
             shutil.copy(folder / WEIGHTS_FILENAME, Path(tmp) / WEIGHTS_FILENAME)

@@ -17,15 +17,16 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
 from .config import SAEConfig
 from .errors import SAEFormatError
-from .saelens_format import sae_from_tensors
 from .sae import SAE
+from .saelens_format import sae_from_tensors
 
 _KNOWN = {"encoder.weight", "encoder.bias", "latent_bias", "pre_bias", "decoder.weight", "decoder.linear.weight",
           "decoder.linear.bias", "stats_last_nonzero", "latents_activation_frequency", "latents_mean_square",

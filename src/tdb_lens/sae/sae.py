@@ -36,10 +36,12 @@ from jaxtyping import Float
 from torch import nn
 
 from ..hooks import HookedRootModule, HookPoint
+from ..hooks.layout import HOST_AXES, HookLayout, layout
 from .config import SAEConfig
 
-_SAE_HOOKS = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons",
-              "hook_sae_error", "hook_sae_output")
+# hook point -> its last axis; the leading axes are the host's (see `SAE.splice_axes`)
+_SAE_HOOKS = {"hook_sae_input": "d_in", "hook_sae_acts_pre": "d_sae", "hook_sae_acts_post": "d_sae",
+              "hook_sae_recons": "d_in", "hook_sae_error": "d_in", "hook_sae_output": "d_in"}
 _LN_EPS = 1e-5
 
 # (shift, scale) undone after decoding: recons = decoded * scale + shift. None: nothing to undo.
@@ -73,14 +75,24 @@ class SAE(HookedRootModule):
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype, device=device))
         if cfg.architecture == "jumprelu":
             self.threshold = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
-        for name in _SAE_HOOKS:
-            setattr(self, name, HookPoint())
+        for name, last in _SAE_HOOKS.items():
+            setattr(self, name, HookPoint(layout("sae", name[len("hook_"):], HOST_AXES, last)))
         # Set by add_sae; when True the forward adds the reconstruction error back.
         self.use_error_term = False
         self.__dict__["_host"] = None  # (model, hook_name) while attached; not a submodule
         self.setup()
 
     # ---- basics -----------------------------------------------------------------------------
+    def axis_sizes(self) -> dict[str, int]:
+        return {"d_in": self.cfg.d_in, "d_sae": self.cfg.d_sae}
+
+    def splice_axes(self, host: HookLayout) -> tuple[str, ...]:
+        """The leading axes of this SAE's activations when spliced at a hook with layout ``host``:
+        the host's but its last, or but its last two for a hook_z SAE that reads all heads at once."""
+        if self.cfg.reshape_activations == "hook_z" and host.width is not None and host.width != self.cfg.d_in:
+            return host.axes[:-2]
+        return host.axes[:-1]
+
     @property
     def device(self) -> torch.device:
         return self.W_enc.device
@@ -283,7 +295,7 @@ class SAE(HookedRootModule):
         if self.cfg.architecture == "jumprelu":
             self.threshold.data /= c
 
-    def clone(self) -> "SAE":
+    def clone(self) -> SAE:
         other = SAE(SAEConfig.from_dict(self.cfg.to_dict()), device=self.device)
         other.load_state_dict(self.state_dict())
         return other.to(self.dtype)

@@ -7,7 +7,8 @@ a vector is the sum of its active directions. A good SAE's decoder rows recover 
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from jaxtyping import Float
