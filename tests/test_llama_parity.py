@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-
-import tdb_lens  # noqa: E402
-from tdb_lens.models.components import KVCache  # noqa: E402
-from tdb_lens.models.llama import HookedLlama, LlamaConfig  # noqa: E402
+import tdb_lens
+from tdb_lens.models.components import KVCache
+from tdb_lens.models.llama import HookedLlama, LlamaConfig
 
 ATOL = 1e-4
 VOCAB = 128
@@ -168,7 +167,7 @@ def test_gradients_match_transformers(hooked):
 
 # ---- transformer_lens ------------------------------------------------------------------------
 def _tl_model(hf, ungroup: bool):
-    tl = pytest.importorskip("transformer_lens")
+    import transformer_lens as tl
     from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
 
     c = hf.config
