@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 # alias -> (sub-module inside a block, or None for block level / model level)
@@ -34,6 +35,11 @@ _BLOCK_ALIASES: dict[str, str] = {
 }
 _LN_ALIASES = {"scale": "hook_scale", "normalized": "hook_normalized"}
 _MODEL_ALIASES = {"embed": "hook_embed", "pos_embed": "hook_pos_embed"}
+# TransformerLens' other spellings of the same activations
+_NAME_ALIASES = {"key": "k", "query": "q", "value": "v", "attn_logits": "attn_scores", "mlp_pre": "pre",
+                 "mlp_post": "post"}
+# TransformerLens' compact shorthand: name, layer, optional layer type ("k6", "scale4ln1", "k1a")
+_SHORTHAND = re.compile(r"([a-z]+)(\d+)([a-z]?.*)")
 _LAYER_TYPES = {"a": "attn", "m": "mlp", "b": "", "block": "", "attn": "attn", "mlp": "mlp", "ln1": "ln1", "ln2": "ln2",
                 "ln_final": "ln_final"}
 
@@ -44,9 +50,16 @@ def get_act_name(name: str, layer: int | None = None, layer_type: str | None = N
     ``get_act_name("pattern", 3) == "blocks.3.attn.hook_pattern"``;
     ``get_act_name("scale", 2, "ln1") == "blocks.2.ln1.hook_scale"``;
     ``get_act_name("scale")`` is the final LayerNorm's scale. Full names pass through unchanged.
+    TransformerLens' shorthands work too: ``"k1a"`` is ``"blocks.1.attn.hook_k"``, ``"scale4ln1"``
+    ``"blocks.4.ln1.hook_scale"``, ``"pre5"`` ``"blocks.5.mlp.hook_pre"``; so do its aliases
+    ``key``/``query``/``value``/``attn_logits``/``mlp_pre``/``mlp_post``.
     """
-    if "." in name:
+    if ("." in name or name.startswith("hook_")) and layer is None and layer_type is None:
         return name
+    short = _SHORTHAND.fullmatch(name) if layer is None else None
+    if short is not None:
+        name, layer, layer_type = short.group(1), int(short.group(2)), (short.group(3) or None)
+    name = _NAME_ALIASES.get(name, name)
     if name in _MODEL_ALIASES and layer is None:
         return _MODEL_ALIASES[name]
     if name in _LN_ALIASES:
@@ -70,3 +83,20 @@ def unknown_name_error(name: str, valid: Iterable[str], what: str = "hook") -> K
     close = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
     hint = f" Closest valid names: {', '.join(close)}." if close else ""
     return KeyError(f"unknown {what} name {name!r}.{hint} ({len(valid)} {what} points exist; see model.hook_dict)")
+
+
+def spliced_hook_name(host: str, site: str) -> str:
+    """The name of hook site ``site`` (e.g. ``"sae_acts_post"``) of a module spliced at hook point ``host``."""
+    return f"{host}.hook_{site}"
+
+
+def block_of(name: str) -> int | None:
+    """The block a hook name lies in (``"blocks.3.hook_resid_post" -> 3``), None outside the blocks.
+
+    For code that has only a name and no model (e.g. ordering SAE nodes by their host); with a
+    model at hand read ``model.hook_layout(name).layer`` instead.
+    """
+    parts = name.split(".")
+    if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit():
+        return int(parts[1])
+    return None

@@ -9,8 +9,9 @@ hook attached it is computed step by step so the intermediate can be read or edi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union, overload
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,24 @@ def stamp(module: nn.Module, **fields) -> None:
 # --------------------------------------------------------------------------------------------
 # Norms
 # --------------------------------------------------------------------------------------------
-class LayerNorm(nn.Module):
+class Norm(nn.Module):
+    """What the shared engine needs of a norm: its hooks, its weight, and the frozen-scale forms."""
+
+    weight: Optional[nn.Parameter]
+    hook_scale: HookPoint
+    hook_normalized: HookPoint
+    centers: bool
+
+    def normalize_stack(self, stack: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Components of a residual normalised with its (frozen) scale; they sum to ``hook_normalized``."""
+        raise NotImplementedError
+
+    def with_scale(self, x: Float[torch.Tensor, "... d"], scale: torch.Tensor) -> Float[torch.Tensor, "... d"]:
+        """This norm with its scale fixed to ``scale``: linear in ``x`` (weight and bias applied)."""
+        raise NotImplementedError
+
+
+class LayerNorm(Norm):
     """LayerNorm with ``hook_scale`` [batch, pos, 1] and ``hook_normalized`` (before weight/bias).
 
     ``weight``/``bias`` are ``None`` after ``fold_ln`` (then it is TransformerLens' ``LNPre``).
@@ -69,22 +87,23 @@ class LayerNorm(nn.Module):
         scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         x = self.hook_normalized(x / scale)
         if self.weight is not None:
-            x = x * self.weight + self.bias
-        return x
+            x = x * self.weight
+        return x if self.bias is None else x + self.bias
+
+    w = property(lambda self: self.weight, doc="TransformerLens' name of the weight (None after fold_ln)")
+    b = property(lambda self: self.bias, doc="TransformerLens' name of the bias (None after fold_ln)")
 
     def normalize_stack(self, stack: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """Components of a residual normalised with its (frozen) scale; they sum to ``hook_normalized``."""
         return (stack - stack.mean(-1, keepdim=True)) / scale
 
     def with_scale(self, x: Float[torch.Tensor, "... d"], scale: torch.Tensor) -> Float[torch.Tensor, "... d"]:
-        """This norm with its scale fixed to ``scale``: linear in ``x`` (weight and bias applied)."""
         y = self.normalize_stack(x, scale)
         if self.weight is not None:
             y = y * self.weight
         return y if self.bias is None else y + self.bias
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(Norm):
     """RMSNorm (no centring) with the same hooks as `LayerNorm`. Computed in float32, as Hugging Face does."""
 
     centers = False
@@ -107,11 +126,12 @@ class RMSNorm(nn.Module):
         y = self.hook_normalized((y / scale).to(dtype))
         return y if self.weight is None else self.weight * y
 
+    w = property(lambda self: self.weight, doc="TransformerLens' name of the weight (None after fold_ln)")
+
     def normalize_stack(self, stack: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return stack / scale
 
     def with_scale(self, x: Float[torch.Tensor, "... d"], scale: torch.Tensor) -> Float[torch.Tensor, "... d"]:
-        """This norm with its scale fixed to ``scale``: linear in ``x`` (weight applied)."""
         y = self.normalize_stack(x, scale)
         return y if self.weight is None else y * self.weight
 
@@ -187,6 +207,15 @@ class Attention(nn.Module):
     weight views ``W_Q, W_K, W_V, W_O`` and biases ``b_Q, b_K, b_V, b_O`` (zeros where absent); and
     optionally ``position(q, k, ctx)`` (rotary).
     """
+
+    W_Q: torch.Tensor  # [head, d_model, d_head]
+    W_K: torch.Tensor  # [kv_head, d_model, d_head]
+    W_V: torch.Tensor  # [kv_head, d_model, d_head]
+    W_O: torch.Tensor  # [head, d_head, d_model]
+    b_Q: torch.Tensor
+    b_K: torch.Tensor
+    b_V: torch.Tensor
+    b_O: torch.Tensor
 
     def __init__(self, n_heads: int, n_kv_heads: int, d_head: int, d_model: int, layer: int) -> None:
         super().__init__()
@@ -298,10 +327,26 @@ class Attention(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Block
 # --------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    """What the shared engine needs of an MLP: the neuron hooks and the weight views."""
+
+    hook_pre: HookPoint
+    hook_post: HookPoint
+    W_in: torch.Tensor  # [d_model, d_mlp]
+    W_out: torch.Tensor  # [d_mlp, d_model]
+    b_in: torch.Tensor
+    b_out: torch.Tensor
+
+
 class Block(nn.Module):
     """Pre-norm residual block: ``resid + attn(ln1(resid))``, then ``+ mlp(ln2(resid))``."""
 
-    def __init__(self, ln1: nn.Module, attn: Attention, ln2: nn.Module, mlp: nn.Module, layer: int) -> None:
+    ln1: Norm
+    attn: Attention
+    ln2: Norm
+    mlp: MLP
+
+    def __init__(self, ln1: Norm, attn: Attention, ln2: Norm, mlp: MLP, layer: int) -> None:
         super().__init__()
         self.ln1, self.attn, self.ln2, self.mlp = ln1, attn, ln2, mlp
         resid = ("batch", "pos", "d_model")
@@ -322,10 +367,10 @@ class Block(nn.Module):
         """Per-head q/k/v inputs (see `_split_inputs`); ln1's hooks then gain a ``qkv_head`` axis."""
         self.attn.use_split_qkv_input = use
         head = ("qkv_head",) if use else ()
-        self.ln1.hook_scale.layout = layout("ln1", "scale", "batch", "pos", *head, "singleton").stamped(
-            layer=self.layer, sizes=self.ln1.hook_scale.layout.sizes)
-        self.ln1.hook_normalized.layout = layout("ln1", "normalized", "batch", "pos", *head, "d_model").stamped(
-            layer=self.layer, sizes=self.ln1.hook_normalized.layout.sizes)
+        for hp, last in ((self.ln1.hook_scale, "singleton"), (self.ln1.hook_normalized, "d_model")):
+            old = hp.layout
+            if old is not None:
+                hp.layout = old.stamped(axes=("batch", "pos", *head, last))
 
     def forward(self, resid: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         resid = self.hook_resid_pre(resid)
@@ -350,3 +395,19 @@ class Block(nn.Module):
         xv = self.hook_v_input(resid[:, :, None].expand(b, p, hk, m).clone())
         normed = self.ln1(torch.cat([xq, xk, xv], dim=2))
         return normed[:, :, :h], normed[:, :, h:h + hk], normed[:, :, h + hk:]
+
+
+class Blocks(nn.ModuleList):
+    """The model's blocks, typed: indexing gives a `Block`, slicing a `Blocks`."""
+
+    @overload
+    def __getitem__(self, idx: int) -> Block: ...
+
+    @overload
+    def __getitem__(self, idx: slice) -> Blocks: ...
+
+    def __getitem__(self, idx: Union[int, slice]) -> Union[Block, Blocks]:
+        return super().__getitem__(idx)  # type: ignore[return-value]
+
+    def __iter__(self) -> Iterator[Block]:
+        return super().__iter__()  # type: ignore[return-value]

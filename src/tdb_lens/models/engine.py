@@ -19,13 +19,15 @@ from ..hooks import HookedRootModule, HookPoint
 from ..hooks.layout import layout
 from ..sae.attach import SAEHostMixin
 from ..tokenizer import Tokenizer
-from .components import ForwardContext, KVCache
+from .components import Blocks, ForwardContext, KVCache, Norm
 
 TextOrTokens = Union[str, Sequence[str], torch.Tensor, Sequence[int]]
 
 
 class HookedTransformer(SAEHostMixin, HookedRootModule):
     tokenizer: Optional[Tokenizer]
+    blocks: Blocks
+    ln_final: Norm
 
     def __init__(self, cfg: Any, tokenizer: Optional[Tokenizer] = None) -> None:
         super().__init__()
@@ -43,7 +45,15 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
     def embed(self, tokens: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         raise NotImplementedError
 
-    def unembed(self, resid: torch.Tensor) -> torch.Tensor:
+    def unembed(self, resid: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_vocab"]:
+        raise NotImplementedError
+
+    @property
+    def W_E(self) -> Float[torch.Tensor, "d_vocab d_model"]:
+        raise NotImplementedError
+
+    @property
+    def W_U(self) -> Float[torch.Tensor, "d_model d_vocab"]:
         raise NotImplementedError
 
     # ---- basics -----------------------------------------------------------------------------
@@ -107,7 +117,7 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
         if isinstance(input, str):
             return [tok.id_to_token(i) for i in self.to_tokens(input, prepend_bos)[0].tolist()]
         if isinstance(input, torch.Tensor):
-            if input.ndim == 2:
+            if input.ndim == 2 and input.shape[0] != 1:  # [1, n] is one sequence (flat), as TransformerLens
                 return [[tok.id_to_token(i) for i in row] for row in input.tolist()]
             return [tok.id_to_token(i) for i in input.reshape(-1).tolist()]
         if input and isinstance(input[0], str):  # type: ignore[index]
@@ -303,14 +313,44 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
         return (nll * m).sum() / m.sum()
 
     # ---- weights ----------------------------------------------------------------------------
-    def tokens_to_residual_directions(self, tokens: Union[int, str, torch.Tensor]) -> torch.Tensor:
+    def tokens_to_residual_directions(
+        self, tokens: Union[int, str, Int[torch.Tensor, ...]]
+    ) -> Float[torch.Tensor, "... d_model"]:
         """Residual direction whose dot product with the final normalised residual is the token's
-        logit (minus the constant norm-bias term): final-norm weight times the unembedding column."""
+        logit (minus the constant norm-bias term): final-norm weight times the unembedding column.
+
+        Shapes as TransformerLens: one token (an int, a string, a one-element tensor) gives
+        ``[d_model]``; a tensor of token ids ``[...]`` gives ``[..., d_model]``."""
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
-        cols = self.W_U[:, tokens].T if isinstance(tokens, torch.Tensor) else self.W_U[:, tokens]  # type: ignore[attr-defined]
+        if isinstance(tokens, torch.Tensor) and tokens.numel() == 1:
+            tokens = int(tokens.item())
+        if isinstance(tokens, torch.Tensor):
+            cols = self.W_U[:, tokens.to(self.W_U.device)].movedim(0, -1)  # type: ignore[attr-defined]
+        else:
+            cols = self.W_U[:, tokens]  # type: ignore[attr-defined]
         w = self.ln_final.weight  # type: ignore[attr-defined]
         return cols * w if w is not None else cols
+
+    @property
+    def mod_dict(self) -> dict[str, torch.nn.Module]:
+        """Every submodule by name (TransformerLens' ``mod_dict``)."""
+        return dict(self.named_modules())
+
+    @classmethod
+    def from_pretrained(cls, model_name: str, **kwargs: Any) -> HookedTransformer:
+        """TransformerLens' entry point: the family for ``model_name``, with TransformerLens' default
+        weight processing (see `tdb_lens.compat.from_pretrained`). Family classes override it."""
+        from ..compat import from_pretrained
+
+        return from_pretrained(model_name, **kwargs)
+
+    @classmethod
+    def from_pretrained_no_processing(cls, model_name: str, **kwargs: Any) -> HookedTransformer:
+        """`from_pretrained` without weight processing (the logits equal Hugging Face's)."""
+        from ..compat import from_pretrained_no_processing
+
+        return from_pretrained_no_processing(model_name, **kwargs)
 
     def _stack_blocks(self, sub: str, attr: str) -> torch.Tensor:
         return torch.stack([getattr(getattr(b, sub), attr) for b in self.blocks])  # type: ignore[attr-defined]

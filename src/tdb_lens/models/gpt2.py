@@ -18,7 +18,7 @@ from torch import nn
 from ..hooks import HookPoint
 from ..hooks.layout import layout
 from ..tokenizer import Tokenizer, gpt2_tokenizer
-from .components import Attention, Block, ForwardContext, LayerNorm
+from .components import MLP, Attention, Block, Blocks, ForwardContext, LayerNorm
 from .engine import HookedTransformer
 from .hub import DictSource, TensorSource, load_state_into, read_config, resolve_checkpoint, safetensors_files
 
@@ -50,6 +50,19 @@ class GPT2Config:
     @property
     def n_key_value_heads(self) -> int:
         return self.n_heads
+
+    # TransformerLens' config fields that are fixed for this family (read-only)
+    act_fn = property(lambda self: "gelu_new")
+    normalization_type = property(lambda self: "LN", doc="'LN' (TransformerLens says 'LNPre' after fold_ln)")
+    positional_embedding_type = property(lambda self: "standard")
+    attn_only = property(lambda self: False)
+    gated_mlp = property(lambda self: False)
+    d_vocab_out = property(lambda self: self.d_vocab)
+    original_architecture = property(lambda self: "GPT2LMHeadModel")
+    default_prepend_bos = property(lambda self: True)
+    #: TransformerLens' ``cfg.device``; None (tensors made with it go to the default device)
+    #: unless set; moving the model does not change it
+    device = None
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -119,7 +132,7 @@ class GPT2Attention(Attention):
     b_O = property(lambda self: self.c_proj.bias)
 
 
-class GPT2MLP(nn.Module):
+class GPT2MLP(MLP):
     def __init__(self, cfg: GPT2Config) -> None:
         super().__init__()
         self.c_fc = Conv1D(cfg.d_model, cfg.d_mlp)
@@ -148,7 +161,7 @@ class HookedGPT2(HookedTransformer):
         self.wte = nn.Embedding(cfg.d_vocab, cfg.d_model)
         self.wpe = nn.Embedding(cfg.n_ctx, cfg.d_model)
         self.hook_pos_embed = HookPoint(layout("embed", "pos_embed", "batch", "pos", "d_model"))
-        self.blocks = nn.ModuleList(
+        self.blocks = Blocks(
             Block(LayerNorm(cfg.d_model, cfg.eps), GPT2Attention(cfg, l), LayerNorm(cfg.d_model, cfg.eps), GPT2MLP(cfg), l)
             for l in range(cfg.n_layers)
         )

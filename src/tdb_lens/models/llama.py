@@ -21,7 +21,7 @@ from torch import nn
 from ..hooks import HookPoint
 from ..hooks.layout import layout
 from ..tokenizer import HFTokenizer, Tokenizer
-from .components import Attention, Block, ForwardContext, RMSNorm
+from .components import MLP, Attention, Block, Blocks, ForwardContext, RMSNorm
 from .engine import HookedTransformer
 from .hub import DictSource, TensorSource, load_state_into, read_config, resolve_checkpoint, safetensors_files
 
@@ -46,6 +46,19 @@ class LlamaConfig:
     init_range: float = 0.02
     model_type: str = "llama"
     extra: dict = field(default_factory=dict)
+
+    # TransformerLens' config fields that are fixed for this family (read-only)
+    act_fn = property(lambda self: "silu")
+    normalization_type = property(lambda self: "RMS")
+    positional_embedding_type = property(lambda self: "rotary")
+    attn_only = property(lambda self: False)
+    gated_mlp = property(lambda self: True)
+    d_vocab_out = property(lambda self: self.d_vocab)
+    rotary_base = property(lambda self: self.rope_theta)
+    #: None: the tokenizer's own convention decides (SmolLM2: no BOS)
+    default_prepend_bos = None
+    #: TransformerLens' ``cfg.device``; None unless set; moving the model does not change it
+    device = None
 
     def __post_init__(self) -> None:
         if self.n_heads % self.n_key_value_heads:
@@ -167,7 +180,7 @@ class LlamaAttention(Attention):
     b_O = property(lambda self: torch.zeros(self.d_model, device=self.o_proj.weight.device, dtype=self.o_proj.weight.dtype))
 
 
-class LlamaMLP(nn.Module):
+class LlamaMLP(MLP):
     """SwiGLU: ``hook_post = silu(hook_pre) * hook_pre_linear`` (the neurons)."""
 
     def __init__(self, cfg: LlamaConfig) -> None:
@@ -196,7 +209,7 @@ class HookedLlama(HookedTransformer):
     def __init__(self, cfg: LlamaConfig, tokenizer: Optional[Tokenizer] = None) -> None:
         super().__init__(cfg, tokenizer)
         self.embed_tokens = nn.Embedding(cfg.d_vocab, cfg.d_model)
-        self.blocks = nn.ModuleList(
+        self.blocks = Blocks(
             Block(RMSNorm(cfg.d_model, cfg.eps), LlamaAttention(cfg, l), RMSNorm(cfg.d_model, cfg.eps), LlamaMLP(cfg), l)
             for l in range(cfg.n_layers)
         )
