@@ -37,7 +37,7 @@ from jaxtyping import Float, Int
 from .explainer import windows_of
 from .harvest import UnitRecord
 from .scoring import SimulationScore, pearson
-from .units import resolve_reduction
+from .units import resolve_reduction, unit_axis
 
 
 @dataclass
@@ -54,10 +54,9 @@ class CausalScorer:
                  n_top: int = 5, n_random: int = 5, batch_size: int = 8) -> None:
         if ablation not in ("zero", "mean"):
             raise ValueError(f"ablation must be 'zero' or 'mean', got {ablation!r}")
-        if hook not in model.hook_dict:
-            from ..hooks.names import unknown_name_error
-
-            raise unknown_name_error(hook, model.hook_dict)
+        layout = model.hook_layout(hook)  # a KeyError naming close hooks for a bad name
+        self.axis = unit_axis(layout, reduce)
+        self.per_head = resolve_reduction(layout, reduce, hook) == "head_norm"  # a head's vector is zeroed
         self.model = model
         self.hook = hook
         self.simulator = simulator
@@ -77,12 +76,8 @@ class CausalScorer:
         out = []
 
         def ablate(act, hook):
-            how = resolve_reduction(self.hook, act.ndim, self.reduce)
             act = act.clone()
-            if how == "head_norm":
-                act[:, :, unit, :] = 0.0
-            else:
-                act[..., unit] = value
+            act.select(self.axis, unit).fill_(0.0 if self.per_head else value)
             return act
 
         for s in range(0, tokens.shape[0], self.batch_size):

@@ -13,7 +13,15 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .harvest import UnitRecord
-from .prompts import EXPLANATION_PREFILL, LIST_PREFILL, clean_explanation, explainer_messages, show_token, trim_window
+from .prompts import (
+    EXPLANATION_PREFILL,
+    LIST_PREFILL,
+    PROMPT_VERSION,
+    clean_explanation,
+    explainer_messages,
+    show_token,
+    trim_window,
+)
 
 
 @dataclass
@@ -24,6 +32,9 @@ class Explanation:
     hook: Optional[str] = None
     raw: Optional[str] = None
     meta: dict = field(default_factory=dict)
+    #: what else decides the explanation besides the explainer's name (prompt version, examples
+    #: shown ...): a store keeps one explanation per unit, explainer and settings
+    settings: str = ""
 
 
 def str_tokens(tokenizer, ids) -> list[str]:
@@ -62,6 +73,8 @@ class LLMExplainer:
         self.style = style
         self.prefill = EXPLANATION_PREFILL if style == "fewshot" else LIST_PREFILL
         self.name = f"llm:{getattr(backend, 'name', type(backend).__name__)}"
+        self.settings = (f"prompt={PROMPT_VERSION} style={style} examples={n_examples} keep={keep_tokens} "
+                         f"max_tokens={max_tokens} summary={int(nonzero_summary)}")
 
     @classmethod
     def for_local_model(cls, backend, tokenizer, **kw) -> LLMExplainer:
@@ -77,8 +90,8 @@ class LLMExplainer:
     def explain_many(self, records: Sequence[UnitRecord]) -> list[Explanation]:
         convs = [self.messages(r) for r in records]
         raws = self.backend.complete_many(convs, max_tokens=self.max_tokens, prefill=self.prefill)
-        return [Explanation(clean_explanation(raw, self.prefill), self.name, r.unit, r.hook, raw, {"style": self.style})
-                for r, raw in zip(records, raws)]
+        return [Explanation(clean_explanation(raw, self.prefill), self.name, r.unit, r.hook, raw, {"style": self.style},
+                            self.settings) for r, raw in zip(records, raws)]
 
     def explain(self, record: UnitRecord) -> Explanation:
         return self.explain_many([record])[0]
@@ -94,6 +107,7 @@ class TopTokensExplainer:
         self.tokenizer = tokenizer
         self.n_tokens = n_tokens
         self.n_examples = n_examples
+        self.settings = f"tokens={n_tokens} examples={n_examples}"
 
     def top_tokens(self, record: UnitRecord) -> list[str]:
         wins = windows_of(record, self.tokenizer, "top", self.n_examples)
@@ -110,7 +124,7 @@ class TopTokensExplainer:
     def explain(self, record: UnitRecord) -> Explanation:
         toks = self.top_tokens(record)
         text = ("tokens like " + ", ".join(f'"{t}"' for t in toks)) if toks else "(never active)"
-        return Explanation(text, self.name, record.unit, record.hook, meta={"tokens": toks})
+        return Explanation(text, self.name, record.unit, record.hook, meta={"tokens": toks}, settings=self.settings)
 
     def explain_many(self, records: Sequence[UnitRecord]) -> list[Explanation]:
         return [self.explain(r) for r in records]

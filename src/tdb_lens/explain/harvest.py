@@ -37,181 +37,41 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from jaxtyping import Float, Int
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .corpus import Corpus
-from .units import unit_activations, unit_kind, unit_label
+from .harvest_state import (
+    _INF_KEY,
+    _M32,
+    FORMAT_VERSION,
+    HarvestConfig,
+    _atomic_save,
+    _atomic_write_text,
+    _State,
+    priorities,
+    random_window_ids,
+)
+from .provenance import ModelIdentity, model_identity, model_name_of
+from .units import UnitSite, unit_activations
 
-FORMAT_VERSION = 1
-_INF_KEY = 1 << 62
-_M32 = 0xFFFFFFFF
-
-
-@dataclass
-class HarvestConfig:
-    hook: str
-    units: list[int]
-    k: int = 20
-    n_sample: int = 64
-    n_random: int = 20
-    n_quantiles: int = 10
-    threshold: float = 0.0
-    batch_size: int = 32
-    seed: int = 0
-    reduce: str = "auto"
-
-    def check(self) -> None:
-        for name in ("k", "n_sample", "n_quantiles", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_random < 0:
-            raise ValueError(f"n_random must be >= 0, got {self.n_random}")
-        if not self.units:
-            raise ValueError("no units to harvest")
-        if len(set(self.units)) != len(self.units) or min(self.units) < 0:
-            raise ValueError(f"units must be distinct non-negative indices, got {self.units[:10]}...")
+__all__ = ["FORMAT_VERSION", "HarvestConfig", "HarvestResult", "UnitRecord", "capture", "harvest", "load_harvest",
+           "n_units_at", "priorities", "random_window_ids", "_INF_KEY"]
 
 
 class _StopForward(Exception):
     """Raised by the capturing hook: nothing after the hook needs computing."""
 
 
-# ---- deterministic priorities ----------------------------------------------------------------
-def priorities(seed: int, windows: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-    """``[len(windows), len(units)]`` pseudo-random int64 in ``[0, 2**31)``; a pure function of its inputs."""
-    w = (windows.to(torch.int64)[:, None] & 0x3FFFFFFF) * 0x9E3779B1 & _M32
-    u = (units.to(torch.int64)[None, :] & 0x3FFFFFFF) * 0x85EBCA6B & _M32
-    x = (w ^ u ^ ((seed * 0xC2B2AE35 + 0x27D4EB2F) & _M32)) & _M32
-    for _ in range(3):
-        x = x ^ (x >> 16)
-        x = (x * 0x7FEB352D) & _M32
-        x = x ^ (x >> 15)
-        x = (x * 0x846CA68B) & _M32
-    return x & 0x7FFFFFFF
-
-
-def random_window_ids(n_windows: int, n_random: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed + 7919)
-    return torch.randperm(n_windows, generator=g)[: min(n_random, n_windows)].sort().values
-
-
-# ---- the running state -----------------------------------------------------------------------
-_STATE_KEYS = ("top_val", "top_win", "top_acts", "samp_key", "samp_val", "samp_acts", "rand_acts", "rand_have",
-               "n_tokens", "act_sum", "act_sqsum", "act_max", "act_min", "n_active", "n_active_windows")
-
-
-@dataclass
-class _State:
-    top_val: torch.Tensor      # [n, k] window scores, -inf = empty
-    top_win: torch.Tensor      # [n, k] window ids, -1 = empty
-    top_acts: torch.Tensor     # [n, k, C]
-    samp_key: torch.Tensor     # [n, S] priority << 32 | window, _INF_KEY = empty
-    samp_val: torch.Tensor     # [n, S]
-    samp_acts: torch.Tensor    # [n, S, C]
-    rand_acts: torch.Tensor    # [n, R, C]
-    rand_have: torch.Tensor    # [R] bool
-    n_tokens: torch.Tensor     # [] int64
-    act_sum: torch.Tensor      # [n] float64
-    act_sqsum: torch.Tensor    # [n] float64
-    act_max: torch.Tensor      # [n]
-    act_min: torch.Tensor      # [n]
-    n_active: torch.Tensor     # [n] int64 tokens above threshold
-    n_active_windows: torch.Tensor  # [n] int64
-    done: list[int] = field(default_factory=list)
-
-    @classmethod
-    def empty(cls, n: int, cfg: HarvestConfig, ctx: int, n_rand: int) -> _State:
-        f = torch.float32
-        return cls(
-            top_val=torch.full((n, cfg.k), float("-inf")), top_win=torch.full((n, cfg.k), -1, dtype=torch.long),
-            top_acts=torch.zeros(n, cfg.k, ctx, dtype=f),
-            samp_key=torch.full((n, cfg.n_sample), _INF_KEY, dtype=torch.long), samp_val=torch.zeros(n, cfg.n_sample),
-            samp_acts=torch.zeros(n, cfg.n_sample, ctx, dtype=f),
-            rand_acts=torch.zeros(n, n_rand, ctx, dtype=f), rand_have=torch.zeros(n_rand, dtype=torch.bool),
-            n_tokens=torch.zeros((), dtype=torch.long), act_sum=torch.zeros(n, dtype=torch.float64),
-            act_sqsum=torch.zeros(n, dtype=torch.float64), act_max=torch.full((n,), float("-inf")),
-            act_min=torch.full((n,), float("inf")), n_active=torch.zeros(n, dtype=torch.long),
-            n_active_windows=torch.zeros(n, dtype=torch.long),
-        )
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k).contiguous() for k in _STATE_KEYS}
-
-    def save(self, path: Path) -> None:
-        _atomic_save(self.tensors(), path, {"done": json.dumps(sorted(self.done)), "format": str(FORMAT_VERSION)})
-
-    @classmethod
-    def load(cls, path: Path) -> _State:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in _STATE_KEYS}
-        return cls(**tensors, done=json.loads(meta.get("done", "[]")))
-
-    # -- updates --------------------------------------------------------------------------------
-    def update_top(self, val: torch.Tensor, win: torch.Tensor, acts: torch.Tensor) -> None:
-        """Merge candidates ``val/win [n, m]``, ``acts [n, m, C]`` into the top-k."""
-        k = self.top_val.shape[1]
-        cv = torch.cat([self.top_val, val], 1)
-        cw = torch.cat([self.top_win, win], 1)
-        # order: score descending, then window id ascending (empty slots, id -1, sort last by score)
-        o1 = torch.argsort(torch.where(cw < 0, torch.iinfo(torch.long).max, cw), dim=1, stable=True)
-        o2 = torch.argsort(cv.gather(1, o1), dim=1, descending=True, stable=True)
-        idx = o1.gather(1, o2)[:, :k]
-        self.top_val = cv.gather(1, idx)
-        self.top_win = cw.gather(1, idx)
-        ca = torch.cat([self.top_acts, acts], 1)
-        self.top_acts = ca.gather(1, idx[:, :, None].expand(-1, -1, ca.shape[2]))
-
-    def update_sample(self, key: torch.Tensor, val: torch.Tensor, acts: torch.Tensor) -> None:
-        S = self.samp_key.shape[1]
-        ck = torch.cat([self.samp_key, key], 1)
-        idx = torch.argsort(ck, dim=1, stable=True)[:, :S]
-        self.samp_key = ck.gather(1, idx)
-        self.samp_val = torch.cat([self.samp_val, val], 1).gather(1, idx)
-        ca = torch.cat([self.samp_acts, acts], 1)
-        self.samp_acts = ca.gather(1, idx[:, :, None].expand(-1, -1, ca.shape[2]))
-
-    def merge(self, other: _State) -> None:
-        overlap = set(self.done) & set(other.done)
-        if overlap:
-            raise ValueError(f"cannot merge harvests that both processed batches {sorted(overlap)[:5]}")
-        self.update_top(other.top_val, other.top_win, other.top_acts)
-        self.update_sample(other.samp_key, other.samp_val, other.samp_acts)
-        have = other.rand_have
-        self.rand_acts[:, have] = other.rand_acts[:, have]
-        self.rand_have = self.rand_have | have
-        self.n_tokens = self.n_tokens + other.n_tokens
-        self.act_sum += other.act_sum
-        self.act_sqsum += other.act_sqsum
-        self.act_max = torch.maximum(self.act_max, other.act_max)
-        self.act_min = torch.minimum(self.act_min, other.act_min)
-        self.n_active += other.n_active
-        self.n_active_windows += other.n_active_windows
-        self.done = sorted(set(self.done) | set(other.done))
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict] = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ---- running the model -----------------------------------------------------------------------
 @torch.no_grad()
-def capture(model, tokens: torch.Tensor, hook: str) -> torch.Tensor:
+def capture(model, tokens: Int[torch.Tensor, "batch pos"], hook: str) -> torch.Tensor:
     """The raw activation at ``hook`` for ``tokens``; the forward stops right after the hook."""
     box: dict[str, torch.Tensor] = {}
 
@@ -230,14 +90,16 @@ def capture(model, tokens: torch.Tensor, hook: str) -> torch.Tensor:
 
 
 def n_units_at(model, hook: str, ctx_len: int = 4, reduce: str = "auto") -> int:
-    """How many units the hook has (one tiny forward)."""
+    """How many units the hook has (from its layout's sizes, else one tiny forward)."""
+    lay = model.hook_layout(hook)
+    from .units import resolve_reduction
+
+    axis = lay.axes[2] if resolve_reduction(lay, reduce, hook) == "head_norm" else lay.axes[-1]
+    size = lay.size(axis)
+    if size is not None:
+        return int(size)
     toks = torch.zeros(1, ctx_len, dtype=torch.long)
-    return int(unit_activations(capture(model, toks, hook), hook, reduce).shape[-1])
-
-
-def _model_name(model) -> str:
-    return str(getattr(model, "name", None) or getattr(getattr(model, "cfg", None), "model_name", None)
-               or type(model).__name__)
+    return int(unit_activations(capture(model, toks, hook), lay, reduce).shape[-1])
 
 
 # ---- the harvest -----------------------------------------------------------------------------
@@ -260,48 +122,48 @@ def harvest(
     checkpoint_every: int = 1,
     model_name: Optional[str] = None,
     progress: bool = True,
+    identity: Optional[ModelIdentity] = None,
 ) -> HarvestResult:
     """Harvest ``units`` (default: all) at ``hook`` over ``corpus`` into ``out_dir``; resume if it exists.
 
-    Returns the merged result of every worker found in ``out_dir`` (after this worker finished).
+    The directory records the model's identity (``identity``, default: ``model_name`` or the model's
+    own name plus the digest of its weights, `tdb_lens.explain.provenance`); a directory holding a
+    harvest of another model, hook, corpus or settings is refused. Returns the merged result of
+    every worker found in ``out_dir`` (after this worker finished).
     """
-    if hook not in model.hook_dict:
-        from ..hooks.names import unknown_name_error
-
-        raise unknown_name_error(hook, model.hook_dict)
     if not (0 <= worker < n_workers):
         raise ValueError(f"worker must be in [0, n_workers={n_workers}), got {worker}")
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    layout = model.hook_layout(hook)
     total_units = n_units_at(model, hook, min(4, corpus.ctx_len), reduce)
     unit_list = list(range(total_units)) if units is None else [int(u) for u in units]
     if unit_list and max(unit_list) >= total_units:
         raise ValueError(f"unit {max(unit_list)} out of range: {hook!r} has {total_units} units")
     cfg = HarvestConfig(hook, unit_list, k, n_sample, n_random, n_quantiles, float(threshold), batch_size, seed, reduce)
     cfg.check()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ident = identity or model_identity(model, model_name or model_name_of(model))
+    site = UnitSite.of(model, hook)
     manifest = {
-        "format": FORMAT_VERSION, "config": asdict(cfg), "corpus": corpus.describe(),
-        "model": model_name or _model_name(model), "unit_kind": unit_kind(hook), "n_units_at_hook": total_units,
+        "format": FORMAT_VERSION, "config": asdict(cfg), "corpus": corpus.describe(), "model": ident.name,
+        "model_digest": ident.digest, "unit_kind": site.kind, "unit_site": site.as_dict(), "n_units_at_hook": total_units,
     }
+    out = Path(out_dir)
     _check_or_write_manifest(out, manifest, corpus)
-
     wdir = out / f"worker-{worker}-of-{n_workers}"
     (wdir / "wmax").mkdir(parents=True, exist_ok=True)
     rand_ids = random_window_ids(corpus.n_windows, n_random, seed)
-    n = len(unit_list)
     state_path = wdir / "state.safetensors"
-    state = _State.load(state_path) if state_path.exists() else _State.empty(n, cfg, corpus.ctx_len, len(rand_ids))
-    done = set(state.done)
+    state = _State.load(state_path) if state_path.exists() else _State.empty(len(unit_list), cfg, corpus.ctx_len,
+                                                                             len(rand_ids))
     batches = corpus.batches(batch_size)
-    todo = [b for b in range(len(batches)) if b % n_workers == worker and b not in done]
+    todo = [b for b in range(len(batches)) if b % n_workers == worker and b not in set(state.done)]
     unit_t = torch.tensor(unit_list, dtype=torch.long)
     sel = None if unit_list == list(range(total_units)) else unit_t
     since = 0
     for b in tqdm(todo, desc=f"harvest {hook}", disable=not progress, unit="batch"):
         start, end = batches[b]
-        acts = unit_activations(capture(model, corpus.tokens[start:end], hook), hook, reduce).cpu()
+        acts = unit_activations(capture(model, corpus.tokens[start:end], hook), layout, reduce).cpu()
         if sel is not None:
             acts = acts.index_select(-1, sel)
         _update(state, acts, start, unit_t, cfg, rand_ids)
@@ -316,8 +178,8 @@ def harvest(
     return load_harvest(out)
 
 
-def _update(state: _State, acts: torch.Tensor, start: int, units: torch.Tensor, cfg: HarvestConfig,
-            rand_ids: torch.Tensor) -> None:
+def _update(state: _State, acts: Float[torch.Tensor, "batch ctx unit"], start: int, units: Int[torch.Tensor, " unit"],
+            cfg: HarvestConfig, rand_ids: Int[torch.Tensor, " n_random"]) -> None:
     """Fold one batch ``acts [B, C, n]`` (windows ``start..start+B``) into the state."""
     B, C, n = acts.shape
     wins = torch.arange(start, start + B, dtype=torch.long)
@@ -345,9 +207,21 @@ def _update(state: _State, acts: torch.Tensor, start: int, units: torch.Tensor, 
 
 
 def _check_or_write_manifest(out: Path, manifest: dict, corpus: Corpus) -> None:
+    """Write the manifest of a new harvest, or check that ``out`` holds this same harvest (model
+    included); raise a ValueError saying how to proceed otherwise."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"harvest directory {out} is a file; give a directory")
     mpath = out / "manifest.json"
     if mpath.exists():
-        old = json.loads(mpath.read_text())
+        try:
+            old = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{mpath} is not a harvest manifest ({e}); use another directory or delete {out}") from None
+        if (old.get("model"), old.get("model_digest")) != (manifest["model"], manifest["model_digest"]):
+            was = f"{old.get('model')!r} (weights {str(old.get('model_digest') or 'not recorded')[:12]})"
+            now = f"{manifest['model']!r} (weights {manifest['model_digest'][:12]})"
+            raise ValueError(f"{out} holds a harvest of model {was}, not of {now}: harvest this model into "
+                             f"another directory, or delete {out} to start over")
         for key in ("format", "config", "corpus"):
             if old.get(key) != manifest[key]:
                 raise ValueError(
@@ -355,6 +229,10 @@ def _check_or_write_manifest(out: Path, manifest: dict, corpus: Corpus) -> None:
                     "use another directory or delete it to start over"
                 )
         return
+    partial = {"manifest.json.tmp", "corpus.safetensors", "corpus.safetensors.tmp"}  # a run killed while starting
+    if out.exists() and any(p.name not in partial for p in out.iterdir()):
+        raise ValueError(f"{out} is not empty and holds no harvest manifest; give a new or empty directory")
+    out.mkdir(parents=True, exist_ok=True)
     _atomic_save({"tokens": corpus.tokens.to(torch.int32)}, out / "corpus.safetensors")
     _atomic_write_text(mpath, json.dumps(manifest, indent=1))
 
@@ -379,6 +257,7 @@ class UnitRecord:
     sample_bins: list[int]            # each sample's activation-quantile bin (0 = lowest)
     quantile_edges: list[float]
     stats: dict
+    kind: str = "dim"                 # neuron, head, sae_latent or dim (`tdb_lens.explain.units.unit_kind`)
 
     def quantile_examples(self, per_bin: int = 2) -> list[tuple[int, int]]:
         """``(bin, sample index)`` pairs: up to ``per_bin`` examples from each quantile bin, high bins first."""
@@ -414,6 +293,15 @@ class HarvestResult:
     def hook(self) -> str:
         return self.config.hook
 
+    @property
+    def site(self) -> UnitSite:
+        return UnitSite.from_dict(self.manifest.get("unit_site"), self.hook)
+
+    @property
+    def model(self) -> ModelIdentity:
+        """The model this harvest was made with (digest "" in harvests of older versions)."""
+        return ModelIdentity(str(self.manifest.get("model", "")), str(self.manifest.get("model_digest") or ""))
+
     def index_of(self, unit: int) -> int:
         try:
             return self.units.index(int(unit))
@@ -428,7 +316,7 @@ class HarvestResult:
         sk = sw >= 0
         st = {k: (float(v[i]) if v.ndim else float(v)) for k, v in self.stats.items()}
         return UnitRecord(
-            hook=self.hook, unit=int(unit), label=unit_label(self.hook, int(unit)),
+            hook=self.hook, unit=int(unit), label=self.site.label(int(unit)), kind=self.site.kind,
             top_windows=tw[keep].tolist(), top_tokens=self.tokens[tw[keep]], top_acts=self.top_acts[i][keep],
             random_windows=self.random_windows.tolist(), random_tokens=self.tokens[self.random_windows],
             random_acts=self.random_acts[i], sample_windows=sw[sk].tolist(), sample_tokens=self.tokens[sw[sk]],
@@ -439,14 +327,15 @@ class HarvestResult:
     def records(self) -> list[UnitRecord]:
         return [self.record(u) for u in self.units]
 
-    def window_scores(self, units: Optional[Sequence[int]] = None) -> torch.Tensor:
+    def window_scores(self, units: Optional[Sequence[int]] = None) -> Float[torch.Tensor, "n_windows unit"]:
         """``[n_windows, len(units)]`` every window's score (max activation) read back from disk."""
         cols = [self.index_of(u) for u in (units if units is not None else self.units)]
         done = {b * self.config.batch_size for b in self.done_batches}
         return _read_wmax(self.directories, self.tokens.shape[0], torch.tensor(cols, dtype=torch.long), done)
 
     def summary(self) -> list[dict]:
-        return [{"unit": u, "label": unit_label(self.hook, u), **{k: float(v[i]) for k, v in self.stats.items() if v.ndim}}
+        site = self.site
+        return [{"unit": u, "label": site.label(u), **{k: float(v[i]) for k, v in self.stats.items() if v.ndim}}
                 for i, u in enumerate(self.units)]
 
 
@@ -491,9 +380,9 @@ def load_harvest(*directories: Union[str, os.PathLike]) -> HarvestResult:
         manifests.append(json.loads(mp.read_text()))
     m0 = manifests[0]
     for d, m in zip(dirs[1:], manifests[1:]):
-        for key in ("format", "config", "corpus"):
+        for key in ("format", "config", "corpus", "model", "model_digest"):
             if m.get(key) != m0.get(key):
-                raise ValueError(f"cannot merge {dirs[0]} and {d}: their {key} differ")
+                raise ValueError(f"cannot merge {dirs[0]} and {d}: their {key} differ ({m0.get(key)} vs {m.get(key)})")
     cfg = HarvestConfig(**m0["config"])
     tokens = load_file(str(dirs[0] / "corpus.safetensors"))["tokens"].to(torch.long)
     state: Optional[_State] = None
@@ -534,7 +423,8 @@ def load_harvest(*directories: Union[str, os.PathLike]) -> HarvestResult:
     stats = {
         "max": state.act_max, "min": state.act_min, "mean": mean.float(), "std": var.sqrt().float(),
         "density": (state.n_active.double() / nt).float(),
-        "window_density": (state.n_active_windows.double() / max(1, _n_done_windows(state.done, cfg.batch_size, n_windows))).float(),
+        "window_density": (state.n_active_windows.double()
+                           / max(1, _n_done_windows(state.done, cfg.batch_size, n_windows))).float(),
         "n_tokens": state.n_tokens,
     }
     rand_ids = random_window_ids(n_windows, cfg.n_random, cfg.seed)

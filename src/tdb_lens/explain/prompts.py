@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 
 MAX_SCALE = 10
+#: Bumped whenever a prompt below changes: stored explanations record it in their settings.
+PROMPT_VERSION = 1
 PLACEHOLDER = "unknown"
 
 EXPLAINER_SYSTEM = (

@@ -178,7 +178,7 @@ def prompt_units(model, prompt, store: ExplanationStore, hooks: Optional[Sequenc
     _, cache = model.run_with_cache(prompt, names_filter=need)
     out = []
     for (hook, unit), r in by_unit.items():
-        acts = unit_activations(cache[hook], hook)[0, :, unit]
+        acts = unit_activations(cache[hook], model.hook_layout(hook))[0, :, unit]
         peak = float(store.unit(r.unit_id)["stats"].get("max", 0.0) or 0.0)
         a = float(acts.max())
         ratio = a / peak if peak > 0 else 0.0

@@ -99,7 +99,8 @@ class AllAtOnceSimulator:
             B = len(idx)
             n = max(len(bodies[i][0]) for i in idx)
             if len(self.prefix_ids) + n > m.cfg.n_ctx:
-                raise ValueError(f"simulation prompt of {len(self.prefix_ids) + n} tokens exceeds the model's context {m.cfg.n_ctx}")
+                raise ValueError(f"simulation prompt of {len(self.prefix_ids) + n} tokens exceeds the model's "
+                                 f"context {m.cfg.n_ctx}")
             toks = torch.full((B, n), m.tokenizer.pad_id, dtype=torch.long)
             mask = torch.zeros(B, n, dtype=torch.long)
             for r, i in enumerate(idx):
