@@ -25,8 +25,8 @@ def test_direct_logit_attribution_matches_cache_logit_attrs(model):
     """Independent reference: ActivationCache.stack_head_results + logit_attrs (frozen final scale)."""
     toks = tokens(batch=2)
     _, cache = model.run_with_cache(toks)
-    stack = cache.stack_head_results(pos_slice=-1)  # [L*H, b, 1, d]
-    ref = cache.logit_attrs(stack, torch.tensor([5, 6]), torch.tensor([7, 8]), pos_slice=-1)[..., 0]  # [L*H, b]
+    stack = cache.stack_head_results(pos_slice=-1)  # [L*H, b, d] (an integer pos_slice drops the axis)
+    ref = cache.logit_attrs(stack, torch.tensor([5, 6]), torch.tensor([7, 8]), pos_slice=-1)  # [L*H, b]
     de = direct_effects(model, toks, LogitDiff(torch.tensor([5, 6]), torch.tensor([7, 8])))
     ours = de.head[:, :, -1, :].permute(1, 2, 0).reshape(-1, 2)
     assert torch.allclose(ours, ref, atol=1e-5)

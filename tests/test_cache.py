@@ -61,9 +61,16 @@ def test_accumulated_resid(processed):
     for l in range(N_LAYERS):
         assert torch.equal(stack[l], cache["resid_pre", l])
     assert torch.equal(stack[-1], cache["resid_post", N_LAYERS - 1])
-    # the final norm applied to the last entry is the model's own final normalised residual
+    # logit lens (TransformerLens 3): at the final layer each entry goes through the whole final norm
     normed = cache.accumulated_resid(apply_ln=True)
-    assert max_diff(normed[-1], cache["ln_final.hook_normalized"]) < 1e-5
+    for l in range(N_LAYERS + 1):
+        assert max_diff(normed[l], model.ln_final(stack[l])) < 1e-5
+    # at an earlier layer the cached scale of that layer's ln1 is used: the last entry is ln1's own input
+    at2 = cache.accumulated_resid(layer=2, apply_ln=True)
+    assert max_diff(at2[-1], cache["normalized", 2, "ln1"]) < 1e-5
+    assert torch.equal(cache.accumulated_resid(layer=-1), stack)
+    last = cache.accumulated_resid(pos_slice=-1)  # an integer position removes the axis
+    assert last.shape == (N_LAYERS + 1, 2, 64) and torch.equal(last, stack[:, :, -1])
     mid, labels = cache.accumulated_resid(layer=2, incl_mid=True, return_labels=True)
     assert labels == ["0_pre", "0_mid", "1_pre", "1_mid", "2_pre"]
     assert torch.equal(mid[1], cache["resid_mid", 0])
@@ -79,6 +86,11 @@ def test_decompose_resid_sums_to_the_residual(processed):
     assert max_diff(part.sum(0), cache["resid_pre", 2]) < 1e-5
     part = cache.decompose_resid(layer=2, mlp_input=True)
     assert max_diff(part.sum(0), cache["resid_mid", 2]) < 1e-5
+    # -1 is the unembedding's input (every component), as None
+    assert torch.equal(cache.decompose_resid(layer=-1), stack)
+    assert cache.decompose_resid(pos_slice=-1).shape == (2 + 2 * N_LAYERS, 2, 64)
+    assert cache.decompose_resid(pos_slice=[0, 6]).shape == (2 + 2 * N_LAYERS, 2, 2, 64)
+    assert torch.equal(cache["resid_post", -1], cache["resid_post", N_LAYERS - 1])
 
 
 @pytest.mark.parametrize("processed", [False, True])
@@ -153,8 +165,13 @@ def test_logit_attributions_sum_to_the_logits(processed):
     # apply_ln_to_stack is the frozen-scale normalisation: normalised parts sum to hook_normalized
     normed = cache.apply_ln_to_stack(parts)
     assert max_diff(normed.sum(0), cache["ln_final.hook_normalized"]) < 1e-5
-    at_last = cache.apply_ln_to_stack(parts[:, :, -1:], pos_slice=-1)
-    assert max_diff(at_last, normed[:, :, -1:]) < 1e-6
+    at_last = cache.apply_ln_to_stack(parts[:, :, -1], pos_slice=-1)
+    assert max_diff(at_last, normed[:, :, -1]) < 1e-6
+    # a stack that does not line up with the cached scale is an error, not a silent broadcast
+    with pytest.raises(ValueError, match="line up"):
+        cache.apply_ln_to_stack(parts[:, :, -1])
+    final = cache["resid_post", -1][:, -1]  # [batch, d_model]
+    assert cache.apply_ln_to_stack(final, pos_slice=-1).shape == (2, 64)
 
 
 def test_cache_to_dtype_and_only_requested_names():

@@ -258,7 +258,7 @@ def test_to_str_tokens_and_get_token_position():
     ids = ref(text)["input_ids"]
     assert strs == ["<|endoftext|>"] + [ref.decode([i]) for i in ids]
     assert "".join(strs[1:]) == text
-    assert model.to_str_tokens(model.to_tokens(text)) == [strs]
+    assert model.to_str_tokens(model.to_tokens(text)) == strs  # [1, n] is one sequence, as TransformerLens
     assert model.to_str_tokens(text, prepend_bos=False) == strs[1:]
     # [BOS, The, cat, sat, on, the, mat, ., The, cat]
     assert model.get_token_position(" cat", text) == 2
