@@ -1,0 +1,250 @@
+"""The node table's four columns for every node, from one forward and one backward pass.
+
+Columns (as Transformer Debugger defines them):
+
+* ``activation``: a neuron's post-activation, an attention pair's post-softmax weight, an SAE
+  latent's activation (token embeddings have none: NaN);
+* ``write_magnitude``: the size of what the node writes to the residual stream (neuron
+  ``|post| * ||W_out[n]||``, pair ``pattern[q, k] * ||v_k W_O[h]||``, latent ``|a| * ||W_dec[f]||``,
+  embedding its norm);
+* ``direct_effect``: that write dotted with the gradient of the objective at the residual stream the
+  objective reads (the final residual for the logit metric, with the final norm's scale frozen; the
+  traced node's input residual in a trace); nodes that write after that point get 0;
+* ``total_effect``: act x grad, the estimated total effect through every path.
+
+Node kinds: ``head`` (one node per layer x head x query x key, key <= query), ``neuron``, ``sae``
+(latents of every attached SAE) and ``embed`` (token, and on GPT-2 position, embeddings).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from jaxtyping import Float, Int
+
+from ..attribution import Node
+
+try:  # the shared gradient runner (re-exported by the attribution package)
+    from ..attribution import run_with_grads  # type: ignore[attr-defined,unused-ignore]
+except ImportError:  # pragma: no cover - older layout of the attribution package
+    from ..attribution.runs import run_with_grads
+from ..sae.attach import attached_saes
+
+COLUMNS = ("activation", "write_magnitude", "direct_effect", "total_effect")
+KINDS = ("head", "neuron", "sae", "embed")
+SIDES = ("q", "k", "v")
+
+
+class DebuggerError(ValueError):
+    """A request the debugger cannot answer (unknown node, bad prompt, bad target): a 4xx in the app."""
+
+
+@dataclass
+class Family:
+    """One family of nodes: per column a tensor ``[batch, *shape]``; ``make(index) -> Node``;
+    ``valid`` (bool ``shape``, optional) marks the entries that are nodes (pairs: key <= query)."""
+
+    name: str
+    values: dict[str, torch.Tensor]
+    make: Callable[[tuple[int, ...]], Node]
+    valid: Optional[torch.Tensor] = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values["total_effect"].shape[1:])
+
+
+@dataclass
+class Columns:
+    """Every family's columns for each row of the batch, plus the objective per row and the logits."""
+
+    families: list[Family]
+    objective: torch.Tensor
+    logits: torch.Tensor
+    acts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _resid_order(model, name: str) -> float:
+    """Where a residual-stream hook sits in the forward: resid_pre(l) = 2l, resid_mid(l) = 2l+1,
+    resid_post(l) = 2l+2 (the final residual is 2 n_layers)."""
+    lay = model.hook_layout(name)
+    step = {"resid_pre": 0, "resid_mid": 1, "resid_post": 2}.get(lay.site)
+    if step is None or lay.layer is None:
+        return float("nan")
+    return 2 * lay.layer + step
+
+
+def read_point(model, node: Optional[Node]) -> Optional[str]:
+    """The residual hook a traced node reads (None: no residual read point, direct effects are NaN);
+    the final residual for the logit objective (``node`` None)."""
+    if node is None:
+        return model.hook_name("resid_post", model.cfg.n_layers - 1)
+    if node.kind == "head":
+        return model.hook_name("resid_pre", node.layer)
+    if node.kind == "neuron":
+        return model.hook_name("resid_mid", node.layer)
+    if node.kind in ("sae_latent", "sae_error"):
+        host = model.hook_layout(node.hook_name).host
+        return host if host is not None and not math.isnan(_resid_order(model, host)) else None
+    return None
+
+
+def record_names(model, kinds: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(names to record, names to differentiate)`` for the requested node kinds."""
+    keep, grad = [], []
+    if "embed" in kinds:
+        for n in model.find_hooks(component="embed"):
+            keep.append(n)
+            grad.append(n)
+    for l in range(model.cfg.n_layers):
+        if "head" in kinds:
+            pat, v = model.hook_name("pattern", l), model.hook_name("v", l)
+            keep += [pat, v]
+            grad.append(pat)
+        if "neuron" in kinds:
+            post = model.hook_name("post", l)
+            keep.append(post)
+            grad.append(post)
+    if "sae" in kinds:
+        for site in attached_saes(model):
+            n = model.hook_name("sae_acts_post", host=site)
+            keep.append(n)
+            grad.append(n)
+    return keep, grad
+
+
+def _dot_or_nan(x: torch.Tensor, g: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.full(x.shape[:-1], float("nan")) if g is None else (x.float() * g.float()).sum(-1)
+
+
+def _head_family(model, acts, grads, g: Optional[torch.Tensor], upstream: Callable[[float], bool]) -> Family:
+    cols: dict[str, list[torch.Tensor]] = {c: [] for c in COLUMNS}
+    for l in range(model.cfg.n_layers):
+        attn = model.blocks[l].attn
+        pat = acts[model.hook_name("pattern", l)].float()  # [b, H, Q, K]
+        v = acts[model.hook_name("v", l)].float().repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=2)
+        vW = torch.einsum("bkhd,hdm->bhkm", v, attn.W_O.detach().float())  # [b, H, K, d_model]
+        cols["activation"].append(pat)
+        cols["write_magnitude"].append(pat * vW.norm(dim=-1)[:, :, None, :])
+        if g is None:
+            cols["direct_effect"].append(torch.full_like(pat, float("nan")))
+        elif upstream(2 * l + 1):
+            cols["direct_effect"].append(pat * torch.einsum("bhkm,bqm->bhqk", vW, g.float()))
+        else:
+            cols["direct_effect"].append(torch.zeros_like(pat))
+        cols["total_effect"].append(pat * grads[model.hook_name("pattern", l)].float())
+    values = {c: torch.stack(t, 1) for c, t in cols.items()}  # [b, L, H, Q, K]
+    L, H, Q, K = values["activation"].shape[1:]
+    valid = torch.ones(Q, K, dtype=torch.bool).tril().expand(L, H, Q, K)
+    return Family("head", values, lambda i: Node.head(i[0], i[1], i[2], i[3]), valid)
+
+
+def _neuron_family(model, acts, grads, g: Optional[torch.Tensor], upstream: Callable[[float], bool]) -> Family:
+    cols: dict[str, list[torch.Tensor]] = {c: [] for c in COLUMNS}
+    for l in range(model.cfg.n_layers):
+        W_out = model.blocks[l].mlp.W_out.detach().float()  # [N, d_model]
+        post = acts[model.hook_name("post", l)].float()
+        cols["activation"].append(post)
+        cols["write_magnitude"].append(post.abs() * W_out.norm(dim=-1))
+        if g is None:
+            cols["direct_effect"].append(torch.full_like(post, float("nan")))
+        elif upstream(2 * l + 2):
+            cols["direct_effect"].append(post * (g.float() @ W_out.T))
+        else:
+            cols["direct_effect"].append(torch.zeros_like(post))
+        cols["total_effect"].append(post * grads[model.hook_name("post", l)].float())
+    values = {c: torch.stack(t, 1) for c, t in cols.items()}  # [b, L, P, N]
+    return Family("neuron", values, lambda i: Node.neuron(i[0], i[2], i[1]))
+
+
+def _sae_families(model, acts, grads, g: Optional[torch.Tensor], upstream: Callable[[float], bool]) -> list[Family]:
+    out = []
+    for site, sae in attached_saes(model).items():
+        name = model.hook_name("sae_acts_post", host=site)
+        a = acts[name].float()  # [b, P, F]
+        W_dec = sae.W_dec.detach().float()
+        where = _resid_order(model, site) + 0.5  # the latents replace the host's content after it is read
+        if g is None or W_dec.shape[-1] != model.cfg.d_model or math.isnan(where):
+            de = torch.full_like(a, float("nan"))
+        else:
+            de = a * (g.float() @ W_dec.T) if upstream(where) else torch.zeros_like(a)
+        values = {"activation": a, "write_magnitude": a.abs() * W_dec.norm(dim=-1), "direct_effect": de,
+                  "total_effect": a * grads[name].float()}
+        out.append(Family(f"sae:{site}", values, (lambda s: lambda i: Node.sae_latent(s, i[1], i[0]))(site)))
+    return out
+
+
+def _embed_families(model, acts, grads, g: Optional[torch.Tensor]) -> list[Family]:
+    out = []
+    for name in model.find_hooks(component="embed"):
+        x = acts[name].float()  # [b, P, d]
+        site = model.hook_layout(name).site
+        make = (lambda i: Node.embed(i[0])) if site == "embed" else (lambda i: Node.pos_embed(i[0]))
+        values = {"activation": torch.full(x.shape[:-1], float("nan")), "write_magnitude": x.norm(dim=-1),
+                  "direct_effect": _dot_or_nan(x, g), "total_effect": (x * grads[name].float()).sum(-1)}
+        out.append(Family("embed" if site == "embed" else "pos_embed", values, make))
+    return out
+
+
+def compute_columns(
+    model,
+    tokens: Int[torch.Tensor, "batch pos"],
+    objective: Callable[[torch.Tensor, dict], torch.Tensor],
+    kinds: Sequence[str] = KINDS,
+    fwd_hooks: Sequence = (),
+    read: Optional[str] = None,
+    freeze_final_scale: bool = True,
+    extra_names: Sequence[str] = (),
+) -> Columns:
+    """Every column for every node of ``kinds``: one forward and one backward of ``objective``.
+
+    ``read``: the residual hook whose gradient gives the direct effects (default the final residual).
+    ``extra_names``: more activations to record (e.g. the traced node's hook).
+    """
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise DebuggerError(f"unknown node kinds {bad}; expected some of {KINDS}")
+    read = read if read is not None else read_point(model, None)
+    keep, grad = record_names(model, kinds)
+    names = list(dict.fromkeys(keep + list(extra_names) + ([read] if read else [])))
+    grad_names = grad + ([read] if read else [])
+    logits_box: list[torch.Tensor] = []
+
+    def obj(logits, acts):
+        logits_box.append(logits.detach())
+        return objective(logits, acts)
+
+    values, acts, grads = run_with_grads(model, tokens, obj, names, None, fwd_hooks=fwd_hooks,
+                                         grad_names=grad_names, freeze_final_scale=freeze_final_scale)
+    g = grads[read] if read else None
+    limit = _resid_order(model, read) if read else float("nan")
+    upstream = lambda where: bool(where <= limit)
+    fams: list[Family] = []
+    with torch.no_grad():
+        if "embed" in kinds:
+            fams += _embed_families(model, acts, grads, g)
+        if "head" in kinds:
+            fams.append(_head_family(model, acts, grads, g, upstream))
+        if "neuron" in kinds:
+            fams.append(_neuron_family(model, acts, grads, g, upstream))
+        if "sae" in kinds:
+            fams += _sae_families(model, acts, grads, g, upstream)
+    return Columns(fams, values.detach().float().reshape(-1), logits_box[-1].float(), acts)
+
+
+def flat_valid(fam: Family) -> Optional[Int[torch.Tensor, " n"]]:
+    """Flat indices of the entries of ``fam`` that are nodes (None: all)."""
+    if fam.valid is None:
+        return None
+    return fam.valid.reshape(-1).nonzero().reshape(-1)
+
+
+def family_values(fam: Family, column: str, row: int) -> Float[torch.Tensor, " n"]:
+    """One column of one batch row, flattened over the family's valid entries."""
+    v = fam.values[column][row].reshape(-1)
+    idx = flat_valid(fam)
+    return v if idx is None else v[idx]
