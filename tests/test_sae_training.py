@@ -165,11 +165,21 @@ def model():
     return HookedGPT2.from_config(GPT2Config(n_layers=3, n_heads=2, d_model=16, d_mlp=32, d_vocab=50, n_ctx=16), seed=0)
 
 
-def test_stop_layer_for():
-    assert stop_layer_for("blocks.4.hook_resid_post") == 5
-    assert stop_layer_for("blocks.0.attn.hook_z") == 1
-    assert stop_layer_for("hook_embed") == 0
-    assert stop_layer_for("ln_final.hook_normalized") is None
+def test_stop_layer_for(model):
+    # from the hook layouts: one past the hook's layer, 0 for embeddings, None after the blocks
+    assert stop_layer_for(model, "blocks.2.hook_resid_post") == 3
+    assert stop_layer_for(model, "blocks.0.attn.hook_z") == 1
+    assert stop_layer_for(model, "hook_embed") == 0
+    assert stop_layer_for(model, "ln_final.hook_normalized") is None
+    with pytest.raises(KeyError, match="blocks.2.hook_resid_post"):
+        stop_layer_for(model, "blocks.2.hook_resid_pots")
+
+
+@pytest.mark.parametrize("hook", ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_z", "blocks.0.ln1.hook_scale"])
+def test_activation_store_refuses_hooks_without_one_vector_per_token(model, hook):
+    tokens = torch.randint(0, 50, (4, 9), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"one vector per\s+token \(\[batch, pos, d\]\)"):
+        ActivationStore(model, hook, tokens)
 
 
 def test_activation_store_streams_each_activation_once_per_epoch(model):
@@ -189,7 +199,7 @@ def test_activation_store_streams_each_activation_once_per_epoch(model):
     _, cache = model.run_with_cache(tokens, names_filter=hook)
     want = cache[hook][:, 1:].reshape(-1, 16)
     assert got.shape == want.shape
-    key = lambda t: t[torch.argsort(t[:, 0])]  # noqa: E731
+    key = lambda t: t[torch.argsort(t[:, 0])]
     torch.testing.assert_close(key(got), key(want))
     # shuffled: consecutive activations are not consecutive positions
     assert not torch.equal(got[:8], want[:8])

@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 
 from ..hooks import HookedRootModule, HookPoint
 from ..hooks.layout import layout
-from ..sae.attach import SAEHostMixin
 from ..tokenizer import Tokenizer
 from .components import Blocks, ForwardContext, KVCache, Norm
+from .sae_host import SAEHostMixin
 
 TextOrTokens = Union[str, Sequence[str], torch.Tensor, Sequence[int]]
 
@@ -59,7 +59,7 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
     # ---- basics -----------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.W_E.device  # type: ignore[attr-defined]
+        return self.W_E.device
 
     def _tok(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -120,9 +120,9 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
             if input.ndim == 2 and input.shape[0] != 1:  # [1, n] is one sequence (flat), as TransformerLens
                 return [[tok.id_to_token(i) for i in row] for row in input.tolist()]
             return [tok.id_to_token(i) for i in input.reshape(-1).tolist()]
-        if input and isinstance(input[0], str):  # type: ignore[index]
-            return [self.to_str_tokens(s, prepend_bos) for s in input]  # type: ignore[union-attr]
-        return [tok.id_to_token(int(i)) for i in input]  # type: ignore[union-attr]
+        if input and isinstance(input[0], str):
+            return [self.to_str_tokens(str(s), prepend_bos) for s in input]
+        return [tok.id_to_token(int(i)) for i in input]
 
     def to_string(self, tokens: Union[torch.Tensor, Sequence[int]]) -> Union[str, list[str]]:
         tok = self._tok()
@@ -167,7 +167,7 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
         input is checked the same way. The mask is None when every position is real.
         """
         if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
-            tokens, mask = self.to_tokens_and_mask(input, prepend_bos, padding_side or "right")  # type: ignore[arg-type]
+            tokens, mask = self.to_tokens_and_mask(input, prepend_bos, padding_side or "right")
             if attention_mask is not None:
                 mask = self._check_mask(attention_mask, tokens)
         else:
@@ -230,7 +230,7 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
         stop = n if stop is None else (stop + n if stop < 0 else stop)
         if not 0 <= start <= stop <= n:
             raise ValueError(f"blocks {start}..{stop} are not a range of this model's {n} layers")
-        for block in self.blocks[start:stop]:  # type: ignore[attr-defined]
+        for block in self.blocks[start:stop]:
             resid = block(resid, ctx)
         return resid
 
@@ -239,8 +239,8 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
     ) -> Float[torch.Tensor, "... d_model"]:
         """The final norm; with ``scale`` it is applied with that scale fixed (linear in ``resid``)."""
         if scale is None:
-            return self.ln_final(resid)  # type: ignore[attr-defined]
-        return self.ln_final.with_scale(resid, scale)  # type: ignore[attr-defined]
+            return self.ln_final(resid)
+        return self.ln_final.with_scale(resid, scale)
 
     def logits_from_resid(
         self, resid: Float[torch.Tensor, "... d_model"], norm_scale: Optional[Float[torch.Tensor, "... 1"]] = None
@@ -326,10 +326,10 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
         if isinstance(tokens, torch.Tensor) and tokens.numel() == 1:
             tokens = int(tokens.item())
         if isinstance(tokens, torch.Tensor):
-            cols = self.W_U[:, tokens.to(self.W_U.device)].movedim(0, -1)  # type: ignore[attr-defined]
+            cols = self.W_U[:, tokens.to(self.W_U.device)].movedim(0, -1)
         else:
-            cols = self.W_U[:, tokens]  # type: ignore[attr-defined]
-        w = self.ln_final.weight  # type: ignore[attr-defined]
+            cols = self.W_U[:, tokens]
+        w = self.ln_final.weight
         return cols * w if w is not None else cols
 
     @property
@@ -353,7 +353,7 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
         return from_pretrained_no_processing(model_name, **kwargs)
 
     def _stack_blocks(self, sub: str, attr: str) -> torch.Tensor:
-        return torch.stack([getattr(getattr(b, sub), attr) for b in self.blocks])  # type: ignore[attr-defined]
+        return torch.stack([getattr(getattr(b, sub), attr) for b in self.blocks])
 
     W_Q = property(lambda self: self._stack_blocks("attn", "W_Q"), doc="[n_layers, n_heads, d_model, d_head]")
     W_K = property(lambda self: self._stack_blocks("attn", "W_K"), doc="[n_layers, n_kv_heads, d_model, d_head]")
@@ -383,13 +383,13 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
     def set_use_attn_result(self, use: bool) -> None:
         """Per-head outputs at ``attn.hook_result`` [batch, pos, head, d_model]: n_heads times the
         memory of ``hook_attn_out`` and an einsum instead of one matmul."""
-        for b in self.blocks:  # type: ignore[attr-defined]
+        for b in self.blocks:
             b.attn.use_attn_result = use
 
     def set_use_split_qkv_input(self, use: bool) -> None:
         """Per-head copies of the residual at ``hook_q_input``/``hook_k_input``/``hook_v_input``
         [batch, pos, head, d_model]: (n_heads + 2 n_kv_heads) times the residual's memory."""
-        for b in self.blocks:  # type: ignore[attr-defined]
+        for b in self.blocks:
             b.set_split_qkv_input(use)
         self.setup()
 

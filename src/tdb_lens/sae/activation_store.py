@@ -8,7 +8,6 @@ memory stays at ``buffer_size x d_in`` and consecutive batches mix many sequence
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from typing import Any, Optional
 
@@ -16,15 +15,39 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
+from ..hooks import HookedRootModule
+from ..hooks.layout import HookLayout
+from ..hooks.names import unknown_name_error
 
-def stop_layer_for(hook_name: str) -> Optional[int]:
-    """The ``stop_at_layer`` that still computes ``hook_name`` (None: the whole model is needed)."""
-    m = re.match(r"blocks\.(\d+)\.", hook_name)
-    if m:
-        return int(m.group(1)) + 1
-    if hook_name in ("hook_embed", "hook_pos_embed"):
-        return 0
-    return None
+
+def stop_layer_for(model: HookedRootModule, hook_name: str) -> Optional[int]:
+    """The ``stop_at_layer`` that still computes ``hook_name`` (None: the whole model is needed),
+    from the hook's layout: its layer + 1 inside the blocks, 0 for the embeddings."""
+    lay = _layout(model, hook_name)
+    if lay.layer is not None:
+        return lay.layer + 1
+    return 0 if lay.component == "embed" else None
+
+
+def check_token_vectors(model: HookedRootModule, hook_name: str) -> int:
+    """The width ``d`` of ``hook_name`` when it holds one vector per token (layout ``[batch, pos, d]``
+    with ``d`` a model axis); otherwise a ValueError saying what the hook holds."""
+    lay = _layout(model, hook_name)
+    if lay.axes[:2] != ("batch", "pos") or len(lay.axes) != 3 or lay.width is None or lay.width < 2:
+        raise ValueError(
+            f"hook {hook_name!r} holds [{', '.join(lay.axes)}] activations; an SAE is trained on one vector per "
+            "token ([batch, pos, d]): pick a residual, attention-output, MLP or normalised hook, "
+            "e.g. blocks.0.hook_resid_post")
+    return lay.width
+
+
+def _layout(model: HookedRootModule, hook_name: str) -> HookLayout:
+    if hook_name not in model.hook_dict:
+        raise unknown_name_error(hook_name, model.hook_dict)
+    lay = model.hook_dict[hook_name].layout
+    if lay is None:
+        raise ValueError(f"hook {hook_name!r} declares no layout")
+    return lay
 
 
 class ActivationStore:
@@ -50,10 +73,7 @@ class ActivationStore:
         loop: bool = True,
         progress: bool = False,
     ) -> None:
-        if hook_name not in model.hook_dict:
-            from ..hooks.names import unknown_name_error
-
-            raise unknown_name_error(hook_name, model.hook_dict)
+        check_token_vectors(model, hook_name)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [n_seq, ctx], got shape {tuple(tokens.shape)}")
         if skip_positions >= tokens.shape[1]:
@@ -63,7 +83,7 @@ class ActivationStore:
         self.model_batch_size, self.skip_positions = model_batch_size, skip_positions
         self.device = torch.device(device) if device is not None else model.device
         self.dtype, self.seed, self.loop = dtype, seed, loop
-        self.stop_at_layer = stop_layer_for(hook_name)
+        self.stop_at_layer = stop_layer_for(model, hook_name)
         self.sequences_read = 0  # over all epochs; determines where the stream is
         self._buf: Optional[torch.Tensor] = None
         self._pos = 0

@@ -10,9 +10,8 @@ original name still fire, on the SAE's input, and the SAE's hook points appear i
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from ..hooks import HookedRootModule, HookPoint
 from ..hooks.names import unknown_name_error
@@ -38,25 +37,20 @@ def _host_hook_points(model: HookedRootModule) -> dict[str, HookPoint]:
     return {n: m for n, m in model.named_modules() if isinstance(m, HookPoint)}
 
 
-_RESID = re.compile(r"(^|\.)hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out|embed|pos_embed)$")
-_MLP = re.compile(r"\.mlp\.hook_(pre|pre_linear|post)$")
-_HEADS = re.compile(r"\.attn\.hook_(z|q|k|v|rot_q|rot_k)$")
-
-
 def expected_width(model: HookedRootModule, hook_name: str) -> Optional[int]:
-    """The last dimension of the activation at ``hook_name`` when the name tells it (else None)."""
-    cfg = getattr(model, "cfg", None)
-    if cfg is None:
+    """The last dimension of the activation at ``hook_name``, from its layout (None when the layout
+    does not fix it, e.g. attention patterns, whose last axis is a position)."""
+    hp = model.hook_dict.get(hook_name)
+    lay = hp.layout if hp is not None else None
+    return None if lay is None else lay.width
+
+
+def _head_axis_size(model: HookedRootModule, hook_name: str) -> Optional[int]:
+    """Number of heads when the activation is ``[..., head or kv_head, width]`` (else None)."""
+    lay = model.hook_dict[hook_name].layout
+    if lay is None or len(lay.axes) < 2 or lay.axes[-2] not in ("head", "kv_head"):
         return None
-    if _RESID.search(hook_name) or hook_name.endswith("ln_final.hook_normalized") or (
-        re.search(r"\.ln[12]\.hook_normalized$", hook_name)
-    ):
-        return getattr(cfg, "d_model", None)
-    if _MLP.search(hook_name):
-        return getattr(cfg, "d_mlp", None)
-    if _HEADS.search(hook_name):
-        return getattr(cfg, "d_head", None)
-    return None
+    return lay.size(lay.axes[-2])
 
 
 def _check_fits(model: HookedRootModule, sae: SAE, hook_name: str) -> None:
@@ -64,8 +58,8 @@ def _check_fits(model: HookedRootModule, sae: SAE, hook_name: str) -> None:
     d_in = sae.cfg.d_in
     if width is None:
         return  # checked on the first run by the SAE itself
-    heads = getattr(getattr(model, "cfg", None), "n_heads", None)
-    if _HEADS.search(hook_name) and heads and sae.cfg.reshape_activations == "hook_z":
+    heads = _head_axis_size(model, hook_name)
+    if heads and sae.cfg.reshape_activations == "hook_z":
         if d_in not in (width, width * heads):
             raise ValueError(f"SAE d_in={d_in} does not fit {hook_name!r}: its activations are "
                              f"[..., n_heads={heads}, d_head={width}] (hook_z SAEs need d_in = {width * heads})")
@@ -188,29 +182,8 @@ def saes(model: HookedRootModule, spec: SAESpec, use_error_term: bool = True) ->
                 remove_sae(model, name)
 
 
-_saes_context = saes  # the mixin's run_with_saes has a parameter named ``saes``
+# The model-side methods (``model.add_sae`` ...) live in `tdb_lens.models.sae_host` so that models
+# never import this package; re-exported here for ``from tdb_lens.sae import SAEHostMixin``.
+from ..models.sae_host import SAEHostMixin  # noqa: E402
 
-
-class SAEHostMixin:
-    """``model.add_sae(...)``, ``model.saes(...)``, ``model.reset_saes()``, ``model.attached_saes``."""
-
-    def add_sae(self, sae: SAE, hook_name: Optional[str] = None, use_error_term: bool = True) -> SAE:
-        return add_sae(self, sae, hook_name, use_error_term)  # type: ignore[arg-type]
-
-    def remove_sae(self, which: Union[str, SAE, None] = None) -> None:
-        remove_sae(self, which)  # type: ignore[arg-type]
-
-    def reset_saes(self) -> None:
-        reset_saes(self)  # type: ignore[arg-type]
-
-    def saes(self, spec: SAESpec, use_error_term: bool = True):
-        return saes(self, spec, use_error_term)  # type: ignore[arg-type]
-
-    @property
-    def attached_saes(self) -> dict[str, SAE]:
-        return attached_saes(self)  # type: ignore[arg-type]
-
-    def run_with_saes(self, *model_args: Any, saes: SAESpec = (), use_error_term: bool = False, **model_kwargs: Any):
-        """Run once with ``saes`` attached (SAELens's default here: no error term, the SAE replaces the activation)."""
-        with _saes_context(self, saes, use_error_term):  # type: ignore[arg-type]
-            return self(*model_args, **model_kwargs)  # type: ignore[operator]
+__all__ = ["SAEHostMixin", "SAESpec", "add_sae", "attached_saes", "expected_width", "remove_sae", "reset_saes", "saes"]

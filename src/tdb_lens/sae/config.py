@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
-ARCHITECTURES = ("standard", "topk", "jumprelu")
 # "center" is tdb_lens's own: subtract each vector's mean over d_in before encoding and add it back
 # after decoding (what a model with centred writing weights gives; see `hub.py`).
 NORMALIZATIONS = ("none", "layer_norm", "constant_norm_rescale", "center")
@@ -22,9 +21,10 @@ DTYPES = ("float32", "float64", "float16", "bfloat16")
 class SAEConfig:
     """Shape and architecture of an SAE.
 
-    ``architecture``: "standard" (ReLU with a pre-encoder bias: OpenAI's / Transformer Debugger's
-    autoencoders, SAELens "standard"), "topk" (keep the ``k`` largest pre-activations, ReLU'd) or
-    "jumprelu" (a learned per-latent ``threshold``).
+    ``architecture``: the name of one of the classes in `tdb_lens.sae.architectures`: "standard"
+    (ReLU with a pre-encoder bias: OpenAI's / Transformer Debugger's autoencoders, SAELens
+    "standard"), "topk" (keep the ``k`` largest pre-activations, ReLU'd) or "jumprelu" (a learned
+    per-latent ``threshold``). ``SAE(cfg)`` builds that class; it also checks the fields it needs.
     ``normalize_activations``: "layer_norm" is OpenAI's TopK input normalisation (centre, divide by the
     standard deviation, undo both on the reconstruction).
     ``hook_name`` / ``model_name`` record where the SAE was trained; attaching uses ``hook_name`` when
@@ -45,15 +45,14 @@ class SAEConfig:
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        from .architectures import architecture_class  # (imports this module: not at import time)
+
+        arch = architecture_class(self.architecture)
         for name in ("d_in", "d_sae"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if self.architecture == "topk":
-            if not isinstance(self.k, int) or not 0 < self.k <= self.d_sae:
-                raise ValueError(f"a topk SAE needs 0 < k <= d_sae ({self.d_sae}), got k={self.k!r}")
+        arch.check_config(self)
         if self.normalize_activations not in NORMALIZATIONS:
             raise ValueError(
                 f"normalize_activations must be one of {NORMALIZATIONS}, got {self.normalize_activations!r}"
@@ -62,8 +61,6 @@ class SAEConfig:
             raise ValueError(f"reshape_activations must be one of {RESHAPES}, got {self.reshape_activations!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.rescale_acts_by_decoder_norm and self.architecture != "topk":
-            raise ValueError("rescale_acts_by_decoder_norm only applies to topk SAEs")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

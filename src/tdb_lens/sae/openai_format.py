@@ -23,14 +23,37 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .architectures import StandardSAE, TopKSAE
 from .config import SAEConfig
-from .errors import SAEFormatError
+from .errors import SAEFormatError, require_finite
 from .sae import SAE
 from .saelens_format import sae_from_tensors
+
+# OpenAI's activation name <-> our class, with the input normalisation OpenAI's Autoencoder applies
+# for it (it layer-normalises exactly when the activation is TopK)
+_OPENAI_CLASSES: dict[str, tuple[type[SAE], str]] = {"ReLU": (StandardSAE, "none"), "TopK": (TopKSAE, "layer_norm")}
+_OPENAI_NAMES = {cls: (name, norm) for name, (cls, norm) in _OPENAI_CLASSES.items()}
 
 _KNOWN = {"encoder.weight", "encoder.bias", "latent_bias", "pre_bias", "decoder.weight", "decoder.linear.weight",
           "decoder.linear.bias", "stats_last_nonzero", "latents_activation_frequency", "latents_mean_square",
           "activation", "activation_state_dict"}
+
+
+def _refusal(p: Path, message: str) -> str:
+    """Why torch's weights-only loader refused ``p``, in one line."""
+    detail = next((ln.strip() for ln in message.splitlines() if "Unsupported global" in ln), "")
+    if zipfile.is_zipfile(p):
+        kind = "a torch.save archive"
+    else:
+        with open(p, "rb") as f:
+            head = f.read(2)
+        if len(head) < 2 or head[0] != 0x80 or not 2 <= head[1] <= 5:  # pickle protocols 2-5 start so
+            return f"{p}: not a readable torch state dict (neither a torch.save zip archive nor a pickle)"
+        kind = "a legacy (non-zip) pickle"
+    what = f" ({detail})" if detail else " (it uses pickle operations beyond tensors, strings and numbers)"
+    return (f"{p}: refused: {kind} that needs to unpickle more than tensors, strings and numbers{what}; "
+            "tdb_lens never unpickles code. Convert it to safetensors (or a state dict of plain tensors) "
+            "where you trust the file")
 
 
 def read_state_dict(path: Union[str, os.PathLike], map_location: str = "cpu") -> dict[str, Any]:
@@ -40,14 +63,8 @@ def read_state_dict(path: Union[str, os.PathLike], map_location: str = "cpu") ->
     try:
         sd = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if not zipfile.is_zipfile(p):
-            raise SAEFormatError(f"{p}: not a readable torch state dict (not a torch.save zip archive)") from None
-        detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), "")
-        raise SAEFormatError(
-            f"{p}: refused: the file needs to unpickle more than tensors, strings and numbers"
-            + (f" ({detail})" if detail else "")
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise SAEFormatError(_refusal(p, str(e))) from None
+    except (RuntimeError, EOFError, KeyError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise SAEFormatError(f"{p}: not a readable torch state dict ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if not isinstance(sd, Mapping):
         raise SAEFormatError(f"{p}: expected a state dict (a mapping of names to tensors), got {type(sd).__name__}")
@@ -64,20 +81,18 @@ def config_from_openai(sd: Mapping[str, Any], where: str = "state dict", k: Opti
         raise SAEFormatError(f"{where}: 'encoder.weight' must be a 2-D tensor [n_latents, n_inputs]")
     n_latents, d = W.shape
     activation = sd.get("activation", "ReLU")
-    act_sd = sd.get("activation_state_dict") or {}
-    if activation == "ReLU":
-        arch, norm = "standard", "none"
-    elif activation == "TopK":
+    if not isinstance(activation, str) or activation not in _OPENAI_CLASSES:
+        raise SAEFormatError(f"{where}: activation {activation!r} is not supported ({' or '.join(_OPENAI_CLASSES)})")
+    cls, norm = _OPENAI_CLASSES[activation]
+    if cls.takes_k:
+        act_sd = sd.get("activation_state_dict") or {}
         post = act_sd.get("postact_fn", "ReLU")
         if post != "ReLU":
-            raise SAEFormatError(f"{where}: TopK with post-activation {post!r}; only ReLU is supported")
+            raise SAEFormatError(f"{where}: {activation} with post-activation {post!r}; only ReLU is supported")
         k = int(act_sd.get("k", k) or 0) or k
         if not k:
-            raise SAEFormatError(f"{where}: TopK activation without k; pass k=...")
-        arch, norm = "topk", "layer_norm"  # OpenAI normalises exactly when the activation is TopK
-    else:
-        raise SAEFormatError(f"{where}: activation {activation!r} is not supported (ReLU or TopK)")
-    return SAEConfig(d_in=int(d), d_sae=int(n_latents), architecture=arch, k=k if arch == "topk" else None,
+            raise SAEFormatError(f"{where}: {activation} activation without k; pass k=...")
+    return SAEConfig(d_in=int(d), d_sae=int(n_latents), architecture=cls.architecture, k=k if cls.takes_k else None,
                      normalize_activations=norm, hook_name=hook_name, metadata={"source_format": "openai"})
 
 
@@ -91,6 +106,7 @@ def sae_from_openai(sd: Mapping[str, Any], where: str = "state dict", k: Optiona
     for name in ("latent_bias", "pre_bias"):
         if name not in sd:
             raise SAEFormatError(f"{where}: missing {name!r}")
+    require_finite(sd, where)
     enc = sd["encoder.weight"].float()
     if "decoder.weight" in sd:
         W_dec = sd["decoder.weight"].float().T  # decoder is Linear(n_latents, n_inputs): weight [n_inputs, n_latents]
@@ -117,9 +133,9 @@ def load_openai(path: Union[str, os.PathLike], k: Optional[int] = None, hook_nam
 def openai_state_dict(sae: SAE) -> dict[str, Any]:
     """``sae`` as an OpenAI ``Autoencoder`` state dict (ReLU, or TopK with layer-norm inputs)."""
     c = sae.cfg
-    ok_relu = c.architecture == "standard" and c.normalize_activations == "none"
-    ok_topk = c.architecture == "topk" and c.normalize_activations == "layer_norm" and not c.rescale_acts_by_decoder_norm
-    if not (c.apply_b_dec_to_input and (ok_relu or ok_topk)):
+    name, norm = _OPENAI_NAMES.get(type(sae), (None, None))
+    if not (c.apply_b_dec_to_input and name is not None and c.normalize_activations == norm
+            and not c.rescale_acts_by_decoder_norm):
         raise SAEFormatError(
             "OpenAI's Autoencoder holds ReLU SAEs without input normalisation or TopK SAEs with layer-norm "
             f"inputs, both with the decoder bias subtracted first; this SAE is {c.architecture} with "
@@ -131,9 +147,9 @@ def openai_state_dict(sae: SAE) -> dict[str, Any]:
         "latent_bias": sae.b_enc.detach().float().cpu().clone(),
         "decoder.weight": sae.W_dec.detach().float().cpu().T.contiguous(),
         "stats_last_nonzero": torch.zeros(c.d_sae, dtype=torch.long),
-        "activation": "TopK" if ok_topk else "ReLU",
+        "activation": name,
     }
-    sd["activation_state_dict"] = {"k": c.k, "postact_fn": "ReLU"} if ok_topk else {}
+    sd["activation_state_dict"] = {"k": c.k, "postact_fn": "ReLU"} if sae.takes_k else {}
     return sd
 
 

@@ -1,5 +1,10 @@
 """`SAE`: a sparse autoencoder that is also a `HookedRootModule`, so its insides are hookable.
 
+`SAE` holds what every architecture shares (parameters, input normalisation, the hooked forward
+with its error term, weight utilities); the architectures are its subclasses in `architectures`
+(`StandardSAE`, `TopKSAE`, `JumpReLUSAE`), each owning its activation, decode and training-step
+details. ``SAE(cfg)`` builds the subclass registered for ``cfg.architecture``.
+
 Parameters follow SAELens: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``,
 ``b_dec [d_in]`` (and ``threshold [d_sae]`` for JumpReLU). With ``apply_b_dec_to_input`` the decoder
 bias is subtracted before encoding (OpenAI's ``pre_bias``)::
@@ -28,16 +33,16 @@ gradient of the error node.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
 
 import torch
-import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 from torch import nn
 
 from ..hooks import HookedRootModule, HookPoint
 from ..hooks.layout import HOST_AXES, HookLayout, layout
-from .config import SAEConfig
+from .config import SAEConfig, TrainConfig
 
 # hook point -> its last axis; the leading axes are the host's (see `SAE.splice_axes`)
 _SAE_HOOKS = {"hook_sae_input": "d_in", "hook_sae_acts_pre": "d_sae", "hook_sae_acts_post": "d_sae",
@@ -60,11 +65,55 @@ def _through(hp: HookPoint, t: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return out, not torch.equal(out, t)
 
 
+@dataclass
+class StepContext:
+    """What an architecture's training penalty may read besides the batch: the training config,
+    the step number and which latents count as dead."""
+
+    cfg: TrainConfig
+    step: int
+    dead: Bool[torch.Tensor, " d_sae"]
+
+
+@dataclass
+class TrainForward:
+    """One training forward: the reconstruction (normalised space), the pre-activations, the dense
+    latents (None where the architecture decoded sparsely), which latents fired, mean L0."""
+
+    recons: Float[torch.Tensor, "batch d_in"]
+    pre: Float[torch.Tensor, "batch d_sae"]
+    latents: Optional[Float[torch.Tensor, "batch d_sae"]]
+    fired: Bool[torch.Tensor, " d_sae"]
+    l0: Float[torch.Tensor, ""]
+
+
 class SAE(HookedRootModule):
-    """A sparse autoencoder. Build with ``SAE(SAEConfig(d_in=..., d_sae=..., architecture=...))``."""
+    """A sparse autoencoder. Build with ``SAE(SAEConfig(d_in=..., d_sae=..., architecture=...))``,
+    which gives the architecture's class (`architectures.StandardSAE`, `TopKSAE`, `JumpReLUSAE`)."""
+
+    #: the name ``SAEConfig.architecture`` holds for this class (set by each subclass)
+    architecture: ClassVar[str] = ""
+    #: parameters saved and loaded, in SAELens's names
+    param_names: ClassVar[tuple[str, ...]] = ("W_enc", "b_enc", "W_dec", "b_dec")
+    #: whether `training.SAETrainer` can train this architecture
+    trainable: ClassVar[bool] = True
+    #: whether the trainer's ``resample_every`` re-initialises dead latents (`reinit_latents`)
+    resamples_dead_latents: ClassVar[bool] = False
+    #: whether the config's ``k`` means something for this architecture
+    takes_k: ClassVar[bool] = False
+
+    def __new__(cls, cfg: Optional[SAEConfig] = None, *args: Any, **kwargs: Any) -> SAE:
+        if cls is SAE and cfg is not None:
+            from .architectures import architecture_class
+
+            cls = architecture_class(cfg.architecture)
+        return super().__new__(cls)
 
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None) -> None:
         super().__init__()
+        if cfg.architecture != type(self).architecture:
+            raise ValueError(f"{type(self).__name__} needs architecture={type(self).architecture!r}, "
+                             f"the config says {cfg.architecture!r}; build SAE(cfg) to get the right class")
         self.cfg = cfg
         dtype = getattr(torch, cfg.dtype)
         W_dec = torch.randn(cfg.d_sae, cfg.d_in, dtype=torch.float32)
@@ -73,14 +122,57 @@ class SAE(HookedRootModule):
         self.W_enc = nn.Parameter(W_dec.T.contiguous().to(dtype=dtype, device=device))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype, device=device))
-        if cfg.architecture == "jumprelu":
-            self.threshold = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
+        self._init_extra_params(dtype, device)
         for name, last in _SAE_HOOKS.items():
             setattr(self, name, HookPoint(layout("sae", name[len("hook_"):], HOST_AXES, last)))
         # Set by add_sae; when True the forward adds the reconstruction error back.
         self.use_error_term = False
         self.__dict__["_host"] = None  # (model, hook_name) while attached; not a submodule
         self.setup()
+
+    # ---- what an architecture provides ------------------------------------------------------
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        """Raise a ValueError when ``cfg`` asks for something this architecture does not have."""
+        if cfg.rescale_acts_by_decoder_norm:
+            raise ValueError(f"rescale_acts_by_decoder_norm does not apply to {cls.architecture} SAEs (topk only)")
+
+    @classmethod
+    def config_fields(cls, cfg: SAEConfig) -> dict[str, Any]:
+        """The config fields only this architecture has, as saved files record them."""
+        return {}
+
+    def _init_extra_params(self, dtype: torch.dtype, device: torch.device | str | None) -> None:
+        """Create the parameters beyond ``W_enc, b_enc, W_dec, b_dec`` (none by default)."""
+
+    def activation(self, pre: Float[torch.Tensor, "*lead d_sae"]) -> Float[torch.Tensor, "*lead d_sae"]:
+        """Latents from pre-activations."""
+        raise NotImplementedError
+
+    def decode_pre(self, pre: Float[torch.Tensor, "*lead d_sae"]) -> Float[torch.Tensor, "*lead d_in"]:
+        """``decode_normalized(activation(pre))``; an architecture may compute it more cheaply."""
+        return self.decode_normalized(self.activation(pre))
+
+    def _sparse_decode_ok(self) -> bool:
+        """Whether the hooked forward may skip the dense latents (`decode_pre`) when nobody hooks them."""
+        return False
+
+    def train_forward(self, x_norm: Float[torch.Tensor, "batch d_in"]) -> TrainForward:
+        """The training forward of a normalised batch (dense by default)."""
+        pre = self.pre_acts(x_norm)
+        acts = self.activation(pre)
+        return TrainForward(self.decode_normalized(acts), pre, acts, (acts > 0).any(0),
+                            (acts > 0).float().sum(-1).mean())
+
+    def train_penalty(self, fwd: TrainForward, err: Float[torch.Tensor, "batch d_in"],
+                      ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss added to the reconstruction error (sparsity, auxiliary terms) and its stats."""
+        raise NotImplementedError
+
+    def reinit_latents(self, idx: Int[torch.Tensor, " n"], x_norm: Float[torch.Tensor, "batch d_in"],
+                       generator: torch.Generator) -> bool:
+        """Re-initialise latents ``idx`` (dead) from a batch; False when nothing was changed."""
+        return False
 
     # ---- basics -----------------------------------------------------------------------------
     def axis_sizes(self) -> dict[str, int]:
@@ -117,8 +209,8 @@ class SAE(HookedRootModule):
 
     def extra_repr(self) -> str:
         c = self.cfg
-        k = f", k={c.k}" if c.architecture == "topk" else ""
-        return f"{c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}{k}, hook={self.hook_name!r}"
+        extra = "".join(f", {k}={v}" for k, v in self.config_fields(c).items() if v not in (None, False))
+        return f"{c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}{extra}, hook={self.hook_name!r}"
 
     # ---- pieces -----------------------------------------------------------------------------
     def _check_width(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +226,7 @@ class SAE(HookedRootModule):
             )
         return x
 
-    def normalize(self, x: Float[torch.Tensor, "... d_in"]) -> tuple[Float[torch.Tensor, "... d_in"], NormState]:
+    def normalize(self, x: Float[torch.Tensor, "*lead d_in"]) -> tuple[Float[torch.Tensor, "*lead d_in"], NormState]:
         """Apply the input normalisation; return the normalised input and what undoes it."""
         mode = self.cfg.normalize_activations
         if mode == "none":
@@ -152,7 +244,8 @@ class SAE(HookedRootModule):
         return x * coeff, (None, 1.0 / coeff)
 
     @staticmethod
-    def denormalize(y: torch.Tensor, state: NormState) -> torch.Tensor:
+    def denormalize(y: Float[torch.Tensor, "*lead d_in"], state: NormState) -> Float[torch.Tensor, "*lead d_in"]:
+        """Undo `normalize` on a reconstruction."""
         if state is None:
             return y
         shift, scale = state
@@ -160,7 +253,7 @@ class SAE(HookedRootModule):
             y = y * scale
         return y if shift is None else y + shift
 
-    def pre_acts(self, x_norm: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_sae"]:
+    def pre_acts(self, x_norm: Float[torch.Tensor, "*lead d_in"]) -> Float[torch.Tensor, "*lead d_sae"]:
         """Pre-activations of an already-normalised input."""
         if self.cfg.apply_b_dec_to_input:
             x_norm = x_norm - self.b_dec
@@ -169,30 +262,21 @@ class SAE(HookedRootModule):
             pre = pre * self.W_dec.norm(dim=-1)
         return pre
 
-    def activation(self, pre: Float[torch.Tensor, "... d_sae"]) -> Float[torch.Tensor, "... d_sae"]:
-        arch = self.cfg.architecture
-        if arch == "standard":
-            return F.relu(pre)
-        if arch == "topk":
-            vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)  # type: ignore[arg-type]
-            return torch.zeros_like(pre).scatter(-1, idx, F.relu(vals))
-        return F.relu(pre) * (pre > self.threshold).to(pre.dtype)
-
-    def decode_normalized(self, latents: Float[torch.Tensor, "... d_sae"]) -> Float[torch.Tensor, "... d_in"]:
+    def decode_normalized(self, latents: Float[torch.Tensor, "*lead d_sae"]) -> Float[torch.Tensor, "*lead d_in"]:
         """``latents @ W_dec + b_dec``: the reconstruction in the normalised space."""
         if self.cfg.rescale_acts_by_decoder_norm:
             latents = latents / self.W_dec.norm(dim=-1)
         return latents @ self.W_dec + self.b_dec
 
     # ---- public -----------------------------------------------------------------------------
-    def encode(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_sae"]:
+    def encode(self, x: Float[torch.Tensor, "*lead d_in"]) -> Float[torch.Tensor, "*lead d_sae"]:
         """Latents of ``x`` (no hooks run)."""
         x = self._check_width(x).to(self.dtype)
         return self.activation(self.pre_acts(self.normalize(x)[0]))
 
     def decode(
-        self, latents: Float[torch.Tensor, "... d_sae"], norm_state: NormState = None
-    ) -> Float[torch.Tensor, "... d_in"]:
+        self, latents: Float[torch.Tensor, "*lead d_sae"], norm_state: NormState = None
+    ) -> Float[torch.Tensor, "*lead d_in"]:
         """Reconstruction from latents (no hooks run). For SAEs that normalise their input, pass the
         ``norm_state`` from `normalize` to get the reconstruction in the input's units."""
         if latents.shape[-1] != self.cfg.d_sae:
@@ -200,18 +284,19 @@ class SAE(HookedRootModule):
         return self.denormalize(self.decode_normalized(latents.to(self.dtype)), norm_state)
 
     def encode_decode(
-        self, x: Float[torch.Tensor, "... d_in"]
-    ) -> tuple[Float[torch.Tensor, "... d_sae"], Float[torch.Tensor, "... d_in"]]:
+        self, x: Float[torch.Tensor, "*lead d_in"]
+    ) -> tuple[Float[torch.Tensor, "*lead d_sae"], Float[torch.Tensor, "*lead d_in"]]:
         """(latents, reconstruction in the input's units), no hooks run."""
         x = self._check_width(x).to(self.dtype)
         xn, state = self.normalize(x)
         latents = self.activation(self.pre_acts(xn))
         return latents, self.denormalize(self.decode_normalized(latents), state)
 
-    def reconstruct(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_in"]:
+    def reconstruct(self, x: Float[torch.Tensor, "*lead d_in"]) -> Float[torch.Tensor, "*lead d_in"]:
+        """The reconstruction of ``x`` in its own units (no hooks run)."""
         return self.encode_decode(x)[1]
 
-    def forward(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_in"]:
+    def forward(self, x: Float[torch.Tensor, "*lead d_in"]) -> Float[torch.Tensor, "*lead d_in"]:
         """The hooked pass: reconstruction (plus the error term when ``use_error_term``).
 
         The SAE runs once. When hooks edit the latents, the clean reconstruction for the error
@@ -224,9 +309,9 @@ class SAE(HookedRootModule):
         pre = self.pre_acts(xn)
         pre_h, pre_edited = _through(self.hook_sae_acts_pre, pre)
         if self._sparse_decode_ok():
-            # nobody looks at the dense latents: decode the k active rows only
+            # nobody looks at the dense latents: the architecture decodes from the pre-activations
             acts, acts_edited = None, False
-            recons = self.denormalize(self._topk_decode(pre_h), state)
+            recons = self.denormalize(self.decode_pre(pre_h), state)
         else:
             acts = self.activation(pre_h)
             acts_h, acts_edited = _through(self.hook_sae_acts_post, acts)
@@ -237,10 +322,10 @@ class SAE(HookedRootModule):
                 if in_edited:
                     clean = self.reconstruct(x)
                 elif pre_edited:
-                    clean = (self.denormalize(self._topk_decode(pre), state) if acts is None
-                             else self.denormalize(self.decode_normalized(self.activation(pre)), state))
+                    clean = self.denormalize(self.decode_pre(pre) if acts is None
+                                             else self.decode_normalized(self.activation(pre)), state)
                 elif acts_edited:
-                    clean = self.denormalize(self.decode_normalized(acts), state)
+                    clean = self.denormalize(self.decode_normalized(acts), state)  # type: ignore[arg-type]
                 else:
                     clean = recons
                 error = x - clean
@@ -254,18 +339,6 @@ class SAE(HookedRootModule):
                    + (error_h - error.detach()))
         out = self.hook_sae_output(out)
         return out.reshape(shape).to(in_dtype)
-
-    def _sparse_decode_ok(self) -> bool:
-        hp = self.hook_sae_acts_post
-        return (self.cfg.architecture == "topk" and not self.cfg.rescale_acts_by_decoder_norm
-                and not hp._fwd and not hp._bwd)
-
-    def _topk_decode(self, pre: torch.Tensor) -> torch.Tensor:
-        """``activation(pre) @ W_dec + b_dec`` for TopK, reading only the k active decoder rows."""
-        vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)  # type: ignore[arg-type]
-        k = idx.shape[-1]
-        dec = F.embedding_bag(idx.reshape(-1, k), self.W_dec, per_sample_weights=F.relu(vals).reshape(-1, k), mode="sum")
-        return dec.reshape(*pre.shape[:-1], self.cfg.d_in) + self.b_dec
 
     # ---- weight utilities -------------------------------------------------------------------
     @torch.no_grad()
@@ -285,15 +358,13 @@ class SAE(HookedRootModule):
         """This SAE was trained on ``x * c``; make it compute the same thing on ``x`` directly.
 
         Latents come out divided by ``c`` (so they are in the input's units) and decoder rows
-        keep their norms: ``b_enc``, ``b_dec`` and ``threshold`` are divided by ``c``. Exact for the
-        ReLU, TopK and JumpReLU activations (all positively homogeneous).
+        keep their norms: ``b_enc``, ``b_dec`` (and an architecture's own thresholds) are divided by
+        ``c``. Exact for positively homogeneous activations (ReLU, TopK, JumpReLU).
         """
         if self.cfg.normalize_activations not in ("none", "center"):
             raise ValueError(f"cannot fold an input scale into an SAE with {self.cfg.normalize_activations!r} inputs")
         self.b_enc.data /= c
         self.b_dec.data /= c
-        if self.cfg.architecture == "jumprelu":
-            self.threshold.data /= c
 
     def clone(self) -> SAE:
         other = SAE(SAEConfig.from_dict(self.cfg.to_dict()), device=self.device)

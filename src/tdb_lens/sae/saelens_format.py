@@ -16,8 +16,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .architectures import ARCHITECTURES, architecture_class
 from .config import SAEConfig
-from .errors import SAEFormatError
+from .errors import SAEFormatError, require_finite
 from .sae import SAE
 
 CFG_FILENAME = "cfg.json"
@@ -25,7 +26,6 @@ WEIGHTS_FILENAME = "sae_weights.safetensors"
 SPARSITY_FILENAME = "sparsity.safetensors"
 # The SAELens config version our cfg.json follows (fields at top level, run metadata under "metadata").
 SAELENS_FORMAT_VERSION = "6.0.0"
-_SUPPORTED = {"standard", "topk", "jumprelu"}
 
 
 def is_saelens_folder(path: str | os.PathLike) -> bool:
@@ -46,9 +46,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     return d
 
 
-def config_from_saelens(d: dict[str, Any], where: str = "cfg.json") -> SAEConfig:
-    """An `SAEConfig` from a SAELens config dict of any version."""
-    meta = d.get("metadata") if isinstance(d.get("metadata"), dict) else {}
+def _saelens_architecture(d: dict[str, Any], where: str) -> tuple[str, Any]:
+    """(our architecture name, k) from a SAELens config: SAELens 6 names the architecture, older
+    versions say ``activation_fn_str`` (``"topk"`` with ``activation_fn_kwargs.k``, else ReLU)."""
     arch = d.get("architecture")
     act = d.get("activation_fn", d.get("activation_fn_str", "relu"))
     k = d.get("k")
@@ -58,10 +58,17 @@ def config_from_saelens(d: dict[str, Any], where: str = "cfg.json") -> SAEConfig
             arch, k = "topk", kwargs["k"]
         else:
             arch = "standard"
-    if arch not in _SUPPORTED:
-        raise SAEFormatError(f"{where}: SAE architecture {arch!r} is not supported; tdb_lens runs {sorted(_SUPPORTED)}")
+    if arch not in ARCHITECTURES:
+        raise SAEFormatError(f"{where}: SAE architecture {arch!r} is not supported; tdb_lens runs {sorted(ARCHITECTURES)}")
     if arch == "standard" and act not in ("relu", None):
         raise SAEFormatError(f"{where}: standard SAE with activation {act!r}; only relu is supported")
+    return arch, k
+
+
+def config_from_saelens(d: dict[str, Any], where: str = "cfg.json") -> SAEConfig:
+    """An `SAEConfig` from a SAELens config dict of any version."""
+    meta = d.get("metadata") if isinstance(d.get("metadata"), dict) else {}
+    arch, k = _saelens_architecture(d, where)
     norm = d.get("normalize_activations", "none")
     if isinstance(norm, bool) or norm is None:
         norm = "expected_average_only_in" if norm else "none"
@@ -108,14 +115,12 @@ def config_to_saelens(cfg: SAEConfig) -> dict[str, Any]:
         "apply_b_dec_to_input": cfg.apply_b_dec_to_input, "normalize_activations": cfg.normalize_activations,
         "reshape_activations": cfg.reshape_activations, "metadata": meta, "architecture": cfg.architecture,
     }
-    if cfg.architecture == "topk":
-        d["k"] = cfg.k
-        d["rescale_acts_by_decoder_norm"] = cfg.rescale_acts_by_decoder_norm
+    d.update(architecture_class(cfg.architecture).config_fields(cfg))
     return d
 
 
-def _param_names(cfg: SAEConfig) -> list[str]:
-    return ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if cfg.architecture == "jumprelu" else [])
+def _param_names(cfg: SAEConfig) -> tuple[str, ...]:
+    return architecture_class(cfg.architecture).param_names
 
 
 def sae_from_tensors(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: str, device=None) -> SAE:
@@ -123,22 +128,24 @@ def sae_from_tensors(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: st
     shapes = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in),
               "b_dec": (cfg.d_in,), "threshold": (cfg.d_sae,)}
     tensors = dict(tensors)
-    if cfg.architecture == "jumprelu" and "threshold" not in tensors and "log_threshold" in tensors:
+    names = _param_names(cfg)
+    if "threshold" in names and "threshold" not in tensors and "log_threshold" in tensors:
         tensors["threshold"] = tensors.pop("log_threshold").exp()
-    if "b_enc" not in tensors and cfg.architecture == "standard" and "b_mag" in tensors:
+    if "b_enc" not in tensors and "b_mag" in tensors:
         raise SAEFormatError(f"{where}: looks like a gated SAE (b_mag/b_gate); gated SAEs are not supported")
-    missing = [n for n in _param_names(cfg) if n not in tensors]
+    missing = [n for n in names if n not in tensors]
     if missing:
         raise SAEFormatError(f"{where}: missing tensors {missing}; found {sorted(tensors)}")
-    for n in _param_names(cfg):
+    for n in names:
         if tuple(tensors[n].shape) != shapes[n]:
             raise SAEFormatError(
                 f"{where}: {n} has shape {tuple(tensors[n].shape)}, the config (d_in={cfg.d_in}, "
                 f"d_sae={cfg.d_sae}) needs {shapes[n]}"
             )
+    require_finite({n: tensors[n] for n in names}, where)
     sae = SAE(cfg, device="meta")
     dtype = getattr(torch, cfg.dtype)
-    state = {n: tensors[n].to(dtype=dtype, device=device or "cpu") for n in _param_names(cfg)}
+    state = {n: tensors[n].to(dtype=dtype, device=device or "cpu") for n in names}
     sae.load_state_dict(state, assign=True)
     return sae
 

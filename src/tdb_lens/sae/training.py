@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .architectures import trainable_architectures
 from .config import SAEConfig, TrainConfig
-from .sae import SAE
+from .sae import SAE, StepContext
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
@@ -61,8 +61,9 @@ class SAETrainer:
     def __init__(self, sae: SAE, cfg: TrainConfig, activations: Iterator[torch.Tensor],
                  out_dir: Optional[str | os.PathLike] = None, resume: bool = True, progress: bool = True,
                  on_log: Optional[Callable[[dict], None]] = None) -> None:
-        if sae.cfg.architecture == "jumprelu":
-            raise ValueError("training supports topk and standard SAEs; JumpReLU SAEs can be loaded and run only")
+        if not sae.trainable:
+            raise ValueError(f"training supports {' and '.join(trainable_architectures())} SAEs; "
+                             f"{sae.architecture} SAEs ({type(sae).__name__}) can be loaded and run only")
         self.sae, self.cfg, self.activations = sae, cfg, activations
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress, self.on_log = progress, on_log
@@ -126,59 +127,20 @@ class SAETrainer:
         return self.since_fired >= self.cfg.dead_after
 
     def _loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
-        """(loss, stats, which latents fired in this batch)."""
-        sae, cfg = self.sae, self.cfg
+        """(loss, stats, which latents fired in this batch): reconstruction error plus the
+        architecture's own penalty (`SAE.train_penalty`)."""
+        sae = self.sae
         xn, _ = sae.normalize(x)
-        pre = sae.pre_acts(xn)
-        sparse = sae.cfg.architecture == "topk" and not sae.cfg.rescale_acts_by_decoder_norm
-        if sparse:
-            # decode only the k active rows: the decoder's forward and backward cost k/d_sae of a dense pass
-            vals, idx = pre.topk(sae.cfg.k, dim=-1, sorted=False)  # type: ignore[arg-type]
-            vals = torch.relu(vals)
-            recons = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum") + sae.b_dec
-            fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=x.device)
-            fired[idx[vals > 0]] = True
-            l0 = (vals > 0).float().sum(-1).mean()
-        else:
-            acts = sae.activation(pre)
-            recons = sae.decode_normalized(acts)
-            fired = (acts > 0).any(0)
-            l0 = (acts > 0).float().sum(-1).mean()
-        err = xn - recons
+        fwd = sae.train_forward(xn)
+        err = xn - fwd.recons
         mse = err.pow(2).sum(-1).mean()
-        loss = mse
-        stats: dict[str, float] = {}
-        if sae.cfg.architecture == "topk":
-            dead = self.dead_mask()
-            n_dead = int(dead.sum())
-            aux = torch.zeros((), device=x.device)
-            if n_dead:
-                k_aux = min(cfg.aux_k or sae.cfg.d_in // 2, n_dead)
-                masked = pre.masked_fill(~dead, float("-inf"))
-                a_vals, a_idx = masked.topk(k_aux, dim=-1, sorted=False)
-                a_vals = torch.relu(a_vals)
-                if sparse:
-                    e_hat = F.embedding_bag(a_idx, sae.W_dec, per_sample_weights=a_vals, mode="sum")
-                else:
-                    aux_acts = torch.zeros_like(pre).scatter(-1, a_idx, a_vals) / sae.W_dec.norm(dim=-1)
-                    e_hat = aux_acts @ sae.W_dec
-                aux = (err.detach() - e_hat).pow(2).sum(-1).mean()
-                aux = torch.nan_to_num(aux, nan=0.0)
-            loss = loss + cfg.aux_coefficient * aux
-            stats["aux"] = float(aux.detach())
-        else:
-            l1_coef = cfg.l1_coefficient
-            if cfg.l1_warmup_steps and self.step < cfg.l1_warmup_steps:
-                l1_coef *= (self.step + 1) / cfg.l1_warmup_steps
-            l1 = (acts * sae.W_dec.norm(dim=-1)).sum(-1).mean()
-            loss = loss + l1_coef * l1
-            stats["l1"] = float(l1.detach())
+        penalty, stats = sae.train_penalty(fwd, err, StepContext(self.cfg, self.step, self.dead_mask()))
         with torch.no_grad():
             total = (xn - xn.mean(0)).pow(2).sum()
             stats["mse"] = float(mse.detach())
             stats["fvu"] = float(err.detach().pow(2).sum() / total.clamp(min=1e-12))
-            stats["l0"] = float(l0)
-        return loss, stats, fired
+            stats["l0"] = float(fwd.l0)
+        return mse + penalty, stats, fwd.fired
 
     def train_step(self, x: torch.Tensor) -> dict[str, float]:
         sae = self.sae
@@ -202,27 +164,19 @@ class SAETrainer:
     # ---- resampling (standard SAEs) ---------------------------------------------------------
     @torch.no_grad()
     def resample_dead(self, x: torch.Tensor) -> int:
-        """Re-initialise latents that have not fired since the last resampling (or are dead)."""
+        """Re-initialise latents that have not fired since the last resampling (or are dead), for
+        architectures that resample (`SAE.reinit_latents`); their Adam moments start again at 0."""
         sae = self.sae
+        if not sae.resamples_dead_latents:
+            return 0
         dead = (~self.fired_since_resample) | self.dead_mask()
         idx = dead.nonzero().flatten()
         self.fired_since_resample.zero_()
         if len(idx) == 0:
             return 0
-        xn, _ = sae.normalize(x)
-        err = (xn - sae.decode_normalized(sae.activation(sae.pre_acts(xn)))).pow(2).sum(-1)
-        if float(err.sum()) <= 0:
-            return 0
         g = torch.Generator(device="cpu").manual_seed(self.cfg.seed * 31 + self.step)
-        probs = (err ** 2).float().cpu()
-        pick = torch.multinomial(probs / probs.sum(), len(idx), replacement=True, generator=g).to(x.device)
-        v = xn[pick] - sae.b_dec
-        v = v / v.norm(dim=-1, keepdim=True).clamp(min=1e-8)
-        alive = ~dead
-        enc_norm = sae.W_enc.norm(dim=0)[alive].mean() if alive.any() else torch.tensor(1.0, device=x.device)
-        sae.W_dec.data[idx] = v
-        sae.W_enc.data[:, idx] = (v * enc_norm * 0.2).T
-        sae.b_enc.data[idx] = 0.0
+        if not sae.reinit_latents(idx, sae.normalize(x)[0], g):
+            return 0
         for p, sel in ((sae.W_dec, (idx, slice(None))), (sae.W_enc, (slice(None), idx)), (sae.b_enc, (idx,))):
             st = self.optim.state.get(p)
             if st:
@@ -250,7 +204,7 @@ class SAETrainer:
                     except StopIteration:
                         break
                 stats = self.train_step(x)
-                if (self.sae.cfg.architecture == "standard" and cfg.resample_every
+                if (self.sae.resamples_dead_latents and cfg.resample_every
                         and self.step % cfg.resample_every == 0 and self.step <= resample_until):
                     stats["resampled"] = self.resample_dead(x)
                 if self.step % cfg.log_every == 0 or self.step == self.n_steps:
@@ -330,10 +284,11 @@ class SAETrainer:
         with open(path / "trainer.json", encoding="utf-8") as f:
             meta = json.load(f)
         saved_cfg = SAEConfig.from_dict(meta["sae_config"])
-        if (saved_cfg.d_in, saved_cfg.d_sae, saved_cfg.architecture, saved_cfg.k) != (
-                self.sae.cfg.d_in, self.sae.cfg.d_sae, self.sae.cfg.architecture, self.sae.cfg.k):
-            raise ValueError(f"checkpoint {path} is for a different SAE ({saved_cfg.architecture}, d_in={saved_cfg.d_in}, "
-                             f"d_sae={saved_cfg.d_sae}, k={saved_cfg.k}); use another --out or resume=False")
+        keys = ("architecture", "d_in", "d_sae", "k", "hook_name", "model_name")
+        saved, ours = ({k: getattr(c, k) for k in keys} for c in (saved_cfg, self.sae.cfg))
+        if saved != ours:
+            diff = ", ".join(f"{k}={saved[k]!r} (now {ours[k]!r})" for k in keys if saved[k] != ours[k])
+            raise ValueError(f"checkpoint {path} is for a different SAE: {diff}; use another --out or resume=False")
         t = load_file(str(path / "state.safetensors"))
         sae = self.sae
         with torch.no_grad():
