@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "sae": ("tdb_lens.sae.cli", "train or evaluate a sparse autoencoder on a model's activations"),
     "explain": ("tdb_lens.explain.cli", "harvest, explain, score and store explanations of units"),
     "hooks": ("tdb_lens.cli_hooks", "list a model's hook points with their shapes"),
+    "debug": ("tdb_lens.debugger.cli", "serve the debugger (node table, trace, ablate, unit pages) in the browser"),
 }
 
 
