@@ -62,6 +62,8 @@ class HookPoint(nn.Module):
     Model code always passes one; a bare ``HookPoint()`` (user code) has none.
     """
 
+    splice: Optional[nn.Module]  # kept in __dict__ (see set_splice), not a submodule
+
     def __init__(self, layout: Optional[HookLayout] = None) -> None:
         super().__init__()
         self.name: str | None = None
@@ -142,7 +144,7 @@ class HookPoint(nn.Module):
         return len(self._fwd) + len(self._bwd)
 
     # -- running ------------------------------------------------------------------------------
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # fast path: skip nn.Module.__call__ machinery entirely when nothing is attached
         if _check_layouts and self.layout is not None:
             self.layout.check(x, self.name)

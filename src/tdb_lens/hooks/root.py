@@ -62,8 +62,9 @@ class HookedRootModule(nn.Module):
         if splice is None:
             return
         leading = None
-        if hp.layout is not None and hasattr(splice, "splice_axes"):
-            leading = splice.splice_axes(hp.layout)
+        place = getattr(splice, "splice_axes", None)
+        if hp.layout is not None and callable(place):
+            leading = place(hp.layout)
         for local, module in splice.named_modules():
             if isinstance(module, HookPoint) and local:
                 full = f"{name}.{local}"

@@ -300,7 +300,9 @@ class Attention(nn.Module):
                 scores = qh @ kh.transpose(-1, -2)
             # the scores are a fresh tensor here (before their hook): scale and mask it in place
             scores.mul_(self.scale)
-            scores.masked_fill_(~ctx.allowed(p, k_len, q.device, explicit=True), float("-inf"))
+            allowed = ctx.allowed(p, k_len, q.device, explicit=True)
+            assert allowed is not None  # explicit=True always builds the mask
+            scores.masked_fill_(~allowed, float("-inf"))
             scores_hooked = self.hook_attn_scores.has_hooks
             scores = self.hook_attn_scores(scores)
             pattern = torch.softmax(scores, dim=-1)
@@ -400,7 +402,7 @@ class Block(nn.Module):
 class Blocks(nn.ModuleList):
     """The model's blocks, typed: indexing gives a `Block`, slicing a `Blocks`."""
 
-    @overload
+    @overload  # type: ignore[override]
     def __getitem__(self, idx: int) -> Block: ...
 
     @overload

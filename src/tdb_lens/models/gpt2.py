@@ -6,9 +6,10 @@ Parameters are stored in Hugging Face's layout (``c_attn``, ``c_proj``, ``c_fc``
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from ..hooks.layout import layout
 from ..tokenizer import Tokenizer, gpt2_tokenizer
 from .components import MLP, Attention, Block, Blocks, ForwardContext, LayerNorm
 from .engine import HookedTransformer
-from .hub import DictSource, TensorSource, load_state_into, read_config, resolve_checkpoint, safetensors_files
+from .hub import CheckpointError, DictSource, TensorSource, load_state_into, read_config, resolve_checkpoint, safetensors_files
 
 GPT2_NAMES = {
     "gpt2": "openai-community/gpt2",
@@ -65,11 +66,25 @@ class GPT2Config:
     device = None
 
     def __post_init__(self) -> None:
+        for name in ("n_layers", "n_heads", "d_model", "d_mlp", "d_vocab", "n_ctx"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPT2Config.{name} is {value!r}; expected a positive integer")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not math.isfinite(self.eps) or self.eps <= 0:
+            raise ValueError(f"GPT2Config.eps is {self.eps!r}; expected a finite number > 0")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
 
     @classmethod
     def from_hf(cls, hf: dict) -> GPT2Config:
+        """From a Hugging Face ``config.json`` dict; a missing or impossible entry raises ValueError naming it."""
+        try:
+            return cls._from_hf(hf)
+        except KeyError as e:
+            raise CheckpointError(f"config.json has no {e.args[0]!r}; a GPT-2 config must state it") from None
+
+    @classmethod
+    def _from_hf(cls, hf: dict) -> GPT2Config:
         act = hf.get("activation_function", "gelu_new")
         if act != "gelu_new":
             raise ValueError(f"only GPT-2's gelu_new activation is supported, config has {act!r}")
@@ -206,7 +221,7 @@ class HookedGPT2(HookedTransformer):
     ) -> HookedGPT2:
         """Random weights, initialised as Hugging Face initialises GPT-2 (normal(0, 0.02)).
 
-        The processing flags are `processing.process_weights_`'s (all off by default)."""
+        The processing flags are `gpt2_processing.process_weights_`'s (all off by default)."""
         cfg = cfg or GPT2Config(**kw)
         if seed is not None:
             torch.manual_seed(seed)
@@ -235,16 +250,18 @@ class HookedGPT2(HookedTransformer):
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+        cls, model_name: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
         tokenizer: Optional[Tokenizer] = None, fold_ln: bool = False, center_writing_weights: bool = False,
-        center_unembed: bool = False, fold_value_biases: bool = False,
+        center_unembed: bool = False, fold_value_biases: bool = False, **unexpected: Any,
     ) -> HookedGPT2:
         """GPT-2 from the hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2), a local Hugging
         Face directory (config.json + model.safetensors or a sharded index).
 
-        No weight processing unless asked: the flags are TransformerLens' (see `processing`), all off
-        by default, so logits equal ``transformers``'."""
-        directory = resolve_checkpoint(GPT2_NAMES.get(str(name_or_path), name_or_path))
+        No weight processing unless asked: the flags are TransformerLens' (see `gpt2_processing`), all
+        off by default, so logits equal ``transformers``'."""
+        if unexpected:
+            raise TypeError(f"HookedGPT2.from_pretrained got unexpected arguments {sorted(unexpected)}")
+        directory = resolve_checkpoint(GPT2_NAMES.get(str(model_name), model_name))
         cfg = GPT2Config.from_hf(read_config(directory))
         source = TensorSource(safetensors_files(directory))
         model = cls._load(cfg, source, dtype, device, tokenizer, what=str(directory))
@@ -264,15 +281,15 @@ class HookedGPT2(HookedTransformer):
     def _process(self, fold_ln: bool, center_writing_weights: bool, center_unembed: bool, fold_value_biases: bool) -> HookedGPT2:
         if not (fold_ln or center_writing_weights or center_unembed or fold_value_biases):
             return self
-        from .processing import process_weights_
+        from .gpt2_processing import process_weights_
 
         return process_weights_(self, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                                 center_unembed=center_unembed, fold_value_biases=fold_value_biases)
 
     @classmethod
     def _load(cls, cfg, source, dtype, device, tokenizer, what: str) -> HookedGPT2:
-        model = load_state_into(lambda: cls._with_default_tokenizer(cfg, tokenizer), source, cls._rename,
-                                dtype=dtype, what=what)
+        build = lambda: cls._with_default_tokenizer(cfg, tokenizer)
+        model = cast(HookedGPT2, load_state_into(build, source, cls._rename, dtype=dtype, what=what))
         model.setup()
         return model.to(device)
 

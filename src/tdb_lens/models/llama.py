@@ -12,10 +12,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float
 from torch import nn
 
 from ..hooks import HookPoint
@@ -23,7 +25,10 @@ from ..hooks.layout import layout
 from ..tokenizer import HFTokenizer, Tokenizer
 from .components import MLP, Attention, Block, Blocks, ForwardContext, RMSNorm
 from .engine import HookedTransformer
-from .hub import DictSource, TensorSource, load_state_into, read_config, resolve_checkpoint, safetensors_files
+from .hub import CheckpointError, DictSource, TensorSource, load_state_into, read_config, resolve_checkpoint, safetensors_files
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .gguf_config import GGUFSettings
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -61,11 +66,41 @@ class LlamaConfig:
     device = None
 
     def __post_init__(self) -> None:
+        for name in ("n_layers", "n_heads", "n_key_value_heads", "d_model", "d_head", "d_mlp", "d_vocab", "n_ctx"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"LlamaConfig.{name} is {value!r}; expected a positive integer")
+        for name in ("eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"LlamaConfig.{name} is {value!r}; expected a finite number > 0")
         if self.n_heads % self.n_key_value_heads:
             raise ValueError(f"n_heads {self.n_heads} must be a multiple of n_key_value_heads {self.n_key_value_heads}")
+        if self.d_head % 2:
+            raise ValueError(f"d_head {self.d_head} must be even (rotary embeddings rotate pairs)")
+
+    @classmethod
+    def from_gguf(cls, s: GGUFSettings) -> LlamaConfig:
+        """The config a GGUF file's checked settings describe (every setting is applied)."""
+        return cls(
+            n_layers=s.n_layers, n_heads=s.n_heads, n_key_value_heads=s.n_key_value_heads, d_model=s.d_model,
+            d_head=s.d_head, d_mlp=s.d_mlp, d_vocab=s.d_vocab, n_ctx=s.n_ctx, eps=s.rms_eps, rope_theta=s.rope_theta,
+            rope_scaling=s.rope_scaling(), tie_word_embeddings=s.tie_word_embeddings,
+            attention_bias=s.attention_bias, model_type=s.model_type,
+        )  # fmt: skip
 
     @classmethod
     def from_hf(cls, hf: dict) -> LlamaConfig:
+        """From a Hugging Face ``config.json`` dict; a missing or impossible entry raises ValueError naming it."""
+        try:
+            return cls._from_hf(hf)
+        except KeyError as e:
+            raise CheckpointError(f"config.json has no {e.args[0]!r}; a Llama-family config must state it") from None
+        except (TypeError, ZeroDivisionError) as e:
+            raise CheckpointError(f"config.json has impossible sizes ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from_hf(cls, hf: dict) -> LlamaConfig:
         mt = hf.get("model_type", "llama")
         if mt not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {mt!r} is not a Llama-family architecture; supported: {SUPPORTED_MODEL_TYPES}")
@@ -102,7 +137,7 @@ class LlamaConfig:
         }
 
 
-def rotary_inv_freq(cfg: LlamaConfig, device) -> torch.Tensor:
+def rotary_inv_freq(cfg: LlamaConfig, device: torch.device | str | None) -> Float[torch.Tensor, "half_d_head"]:  # noqa: F821, UP037
     """Rotary frequencies, with Llama 3's long-context rescaling when the config asks for it."""
     d = cfg.d_head
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
@@ -295,15 +330,18 @@ class HookedLlama(HookedTransformer):
     def _load(cls, cfg: LlamaConfig, source, tokenizer, dtype, device, what: str) -> HookedLlama:
         if cfg.tie_word_embeddings and "lm_head.weight" in source.keys():
             cfg.tie_word_embeddings = False  # the checkpoint carries its own unembedding
-        model = load_state_into(lambda: cls(cfg, tokenizer), source, cls._rename, dtype=dtype, what=what)
+        model = cast(HookedLlama, load_state_into(lambda: cls(cfg, tokenizer), source, cls._rename, dtype=dtype, what=what))
         model.setup()
         return model.to(device)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu", tokenizer: Optional[Tokenizer] = None) -> HookedLlama:
+    def from_pretrained(cls, model_name: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu", tokenizer: Optional[Tokenizer] = None,
+                        **unexpected: Any) -> HookedLlama:  # fmt: skip
         """A Hugging Face Llama-family checkpoint (hub name or local directory; safetensors)."""
-        directory = resolve_checkpoint(name_or_path)
+        if unexpected:
+            raise TypeError(f"HookedLlama.from_pretrained got unexpected arguments {sorted(unexpected)}")
+        directory = resolve_checkpoint(model_name)
         cfg = LlamaConfig.from_hf(read_config(directory))
         if tokenizer is None and (directory / "tokenizer.json").exists():
             tokenizer = _tokenizer_from_dir(directory)
@@ -320,8 +358,8 @@ class HookedLlama(HookedTransformer):
         """A GGUF file (F32/F16/Q8_0/Q4_0/Q4_1 dequantised); config and tokenizer from its metadata."""
         from .gguf import read_gguf
 
-        ck = read_gguf(path)
-        cfg = LlamaConfig.from_hf(ck.config)
+        ck = read_gguf(Path(path))
+        cfg = LlamaConfig.from_gguf(ck.settings)
         tok = HFTokenizer(ck.tokenizer, ck.bos_token_id, ck.eos_token_id, ck.pad_token_id, ck.add_bos_token,
                           ck.chat_template, ck.eot_token_ids)
         return cls._load(cfg, DictSource(ck.tensors, copy=False), tok, dtype, device, str(path))
