@@ -1,0 +1,168 @@
+"""TransformerLens entry points: ``HookedTransformer.from_pretrained``, ``from_pretrained_no_processing``,
+``HookedTransformerConfig`` and ``from_config`` (TransformerLens' ``HookedTransformer(cfg)``).
+
+``tdb_lens.HookedTransformer.from_pretrained(name)`` processes weights as TransformerLens does by
+default (``fold_ln``, ``center_writing_weights``, ``center_unembed``, ``fold_value_biases``), so
+numbers read off a ported notebook match TransformerLens'. The family classes' own
+``HookedGPT2.from_pretrained`` / ``tdb_lens.load`` keep tdb_lens' default (no processing: logits
+equal Hugging Face's). Weight processing exists for GPT-2 only: a Llama-family model loads
+unprocessed, with a warning when processing was asked for (TransformerLens' default asks).
+See docs/PORTING.md for every difference.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from .models.engine import HookedTransformer
+from .models.gpt2 import GPT2_NAMES, GPT2Config, HookedGPT2
+from .models.llama import HookedLlama, LlamaConfig
+
+#: TransformerLens' default weight processing in ``from_pretrained``
+TL_PROCESSING = {"fold_ln": True, "center_writing_weights": True, "center_unembed": True, "fold_value_biases": True}
+#: TransformerLens keyword arguments that change nothing here
+_NO_OP_KWARGS = frozenset({"move_to_device", "n_devices", "checkpoint_index", "checkpoint_value", "trust_remote_code",
+                           "first_n_layers", "default_prepend_bos", "default_padding_side", "n_ctx"})
+
+
+def _family(model_name: str, hf_model: Any) -> str:
+    if hf_model is not None:
+        mt = getattr(getattr(hf_model, "config", None), "model_type", None)
+    elif model_name in GPT2_NAMES:
+        return "gpt2"
+    elif str(model_name).endswith(".gguf") or str(model_name).lower().startswith("smollm2"):
+        return "llama"
+    else:
+        from .models.hub import read_config, resolve_checkpoint
+
+        mt = read_config(Path(resolve_checkpoint(model_name))).get("model_type")
+    if mt == "gpt2":
+        return "gpt2"
+    from .models.llama import SUPPORTED_MODEL_TYPES
+
+    if mt in SUPPORTED_MODEL_TYPES:
+        return "llama"
+    raise ValueError(f"{model_name}: model_type {mt!r} is not supported (GPT-2 and the Llama family are)")
+
+
+def _hf_tokenizer(tokenizer: Any) -> Any:
+    """A ``transformers`` tokenizer (what TransformerLens takes) wrapped as a tdb_lens tokenizer."""
+    if tokenizer is None or hasattr(tokenizer, "id_to_token") and hasattr(tokenizer, "pad_id"):
+        return tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TypeError("tokenizer must be a tdb_lens tokenizer or a fast transformers tokenizer, "
+                        f"got {type(tokenizer).__name__}")
+    from .tokenizer import HFTokenizer
+
+    return HFTokenizer(backend, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                       add_bos_token=bool(getattr(tokenizer, "add_bos_token", False)))
+
+
+def from_pretrained(
+    model_name: str,
+    fold_ln: bool = True,
+    center_writing_weights: bool = True,
+    center_unembed: bool = True,
+    fold_value_biases: bool = True,
+    refactor_factored_attn_matrices: bool = False,
+    device: Union[str, torch.device, None] = None,
+    dtype: torch.dtype = torch.float32,
+    hf_model: Any = None,
+    tokenizer: Any = None,
+    **kwargs: Any,
+) -> HookedTransformer:
+    """TransformerLens' ``HookedTransformer.from_pretrained``: the model for ``model_name`` (a GPT-2
+    name, a hub id, a local directory, a ``.gguf`` file, ``"smollm2-135m"``) or ``hf_model`` (an
+    in-memory ``transformers`` model), with TransformerLens' default weight processing.
+
+    ``tokenizer`` may be a ``transformers`` fast tokenizer. Unknown TransformerLens options raise.
+    """
+    if refactor_factored_attn_matrices:
+        raise NotImplementedError("refactor_factored_attn_matrices is not implemented; pass False")
+    unknown = sorted(set(kwargs) - _NO_OP_KWARGS)
+    if unknown:
+        raise TypeError(f"from_pretrained got options tdb_lens does not implement: {unknown}")
+    flags = {"fold_ln": fold_ln, "center_writing_weights": center_writing_weights,
+             "center_unembed": center_unembed, "fold_value_biases": fold_value_biases}
+    tok = _hf_tokenizer(tokenizer)
+    family = _family(model_name, hf_model)
+    dev = device or "cpu"
+    if family == "gpt2":
+        if hf_model is not None:
+            return HookedGPT2.from_hf_model(hf_model, tokenizer=tok, **flags).to(dev)
+        return HookedGPT2.from_pretrained(model_name, dtype=dtype, device=dev, tokenizer=tok, **flags)
+    if any(flags.values()):
+        warnings.warn(f"{model_name}: weight processing ({', '.join(k for k, v in flags.items() if v)}) is implemented "
+                      "for GPT-2 only; this Llama-family model is loaded unprocessed (use "
+                      "from_pretrained_no_processing to silence this)", stacklevel=2)
+    if hf_model is not None:
+        return HookedLlama.from_hf_model(hf_model, tokenizer=tok).to(dev)
+    from .loading import load
+
+    model = load(model_name) if tok is None else HookedLlama.from_pretrained(model_name, dtype, dev, tok)
+    return model.to(device=dev, dtype=dtype)
+
+
+def from_pretrained_no_processing(model_name: str, **kwargs: Any) -> HookedTransformer:
+    """`from_pretrained` with every processing flag off (logits equal Hugging Face's)."""
+    for k in TL_PROCESSING:
+        kwargs.setdefault(k, False)
+    return from_pretrained(model_name, **kwargs)
+
+
+def HookedTransformerConfig(
+    n_layers: int,
+    d_model: int,
+    n_ctx: int,
+    d_head: int,
+    n_heads: int = -1,
+    d_mlp: Optional[int] = None,
+    act_fn: Optional[str] = None,
+    d_vocab: int = -1,
+    normalization_type: Optional[str] = "LN",
+    positional_embedding_type: str = "standard",
+    eps: float = 1e-5,
+    n_key_value_heads: Optional[int] = None,
+    rotary_base: float = 10000.0,
+    gated_mlp: bool = False,
+    attn_only: bool = False,
+    init_range: float = 0.02,
+    **ignored: Any,
+) -> Union[GPT2Config, LlamaConfig]:
+    """TransformerLens' config arguments -> the matching family config: LayerNorm + learned positions
+    + ``gelu_new`` is `GPT2Config`; RMSNorm + rotary + gated ``silu`` is `LlamaConfig`. Other
+    architectures raise, naming what is supported. Build the model with `from_config`."""
+    n_heads = d_model // d_head if n_heads == -1 else n_heads
+    d_mlp = 4 * d_model if d_mlp is None else d_mlp
+    if d_vocab <= 0:
+        raise ValueError("d_vocab must be given (TransformerLens reads it from a tokenizer; pass it here)")
+    if attn_only:
+        raise ValueError("attention-only models are not supported")
+    if (normalization_type in ("LN", "LNPre") and positional_embedding_type == "standard"
+            and act_fn == "gelu_new" and not gated_mlp):
+        if d_head * n_heads != d_model:
+            raise ValueError(f"a GPT-2 config needs d_head * n_heads == d_model, got {d_head} * {n_heads} != {d_model}")
+        return GPT2Config(n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_mlp=d_mlp, d_vocab=d_vocab,
+                          n_ctx=n_ctx, eps=eps, init_range=init_range)
+    if normalization_type in ("RMS", "RMSPre") and positional_embedding_type == "rotary" and act_fn == "silu" and gated_mlp:
+        return LlamaConfig(n_layers=n_layers, n_heads=n_heads, n_key_value_heads=n_key_value_heads or n_heads,
+                           d_model=d_model, d_head=d_head, d_mlp=d_mlp, d_vocab=d_vocab, n_ctx=n_ctx, eps=eps,
+                           rope_theta=rotary_base, tie_word_embeddings=False, init_range=init_range)
+    raise ValueError(
+        f"unsupported architecture (normalization_type={normalization_type!r}, positional_embedding_type="
+        f"{positional_embedding_type!r}, act_fn={act_fn!r}, gated_mlp={gated_mlp}); supported: GPT-2 "
+        "('LN', 'standard', 'gelu_new') and Llama ('RMS', 'rotary', 'silu', gated_mlp=True)")
+
+
+def from_config(cfg: Union[GPT2Config, LlamaConfig], seed: Optional[int] = None, **kwargs: Any) -> HookedTransformer:
+    """TransformerLens' ``HookedTransformer(cfg)``: a model of ``cfg``'s family with random weights."""
+    if isinstance(cfg, GPT2Config):
+        return HookedGPT2.from_config(cfg, seed=seed, **kwargs)
+    if isinstance(cfg, LlamaConfig):
+        return HookedLlama.from_config(cfg, seed=seed, **kwargs)
+    raise TypeError(f"from_config takes a GPT2Config or LlamaConfig (see HookedTransformerConfig), got {type(cfg).__name__}")
