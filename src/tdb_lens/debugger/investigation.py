@@ -115,7 +115,7 @@ class Investigation:
             from ..explain.store import ExplanationStore
 
             self.store = ExplanationStore(self.store)
-        self._means: dict[str, torch.Tensor] = {}
+        self._means: dict[tuple, torch.Tensor] = {}
         self._harvests: Optional[dict[str, Any]] = None
 
     # -- inputs --------------------------------------------------------------------------------
@@ -209,11 +209,13 @@ class Investigation:
     unsteer = unablate
 
     def _means_for(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        todo = [n for n in names if n not in self._means]
+        ref = list(self.reference) if self.reference else [self.prompt]
+        key = lambda n: (tuple(ref), n)
+        todo = [n for n in names if key(n) not in self._means]
         if todo:
-            ref = list(self.reference) if self.reference else [self.prompt]
-            self._means.update(compute_means(self.model, ref, todo, per_position=False))
-        return {n: self._means[n] for n in names}
+            got = compute_means(self.model, ref, todo, per_position=False)
+            self._means.update({key(n): v for n, v in got.items()})
+        return {n: self._means[key(n)] for n in names}
 
     def intervention_hooks(self, tokens: torch.Tensor, rows: Optional[torch.Tensor] = None) -> list:
         """Forward hooks applying every intervention (only to ``rows`` of the batch when given)."""
@@ -308,7 +310,16 @@ class Investigation:
                 "trace": None if self.tracing is None else {"node": str(self.tracing.node), "through": self.tracing.through}}
 
     def load_state(self, state: dict) -> Investigation:
-        """Set prompts, target, interventions and trace from `state`'s dict (checked; unknown nodes refused)."""
+        """Set prompts, target, interventions and trace from `state`'s dict (checked; unknown nodes refused;
+        on an error the investigation is left as it was)."""
+        saved = (self.prompt, self.other_prompt, self.target, self.distractor, list(self.interventions), self.tracing)
+        try:
+            return self._load_state(state)
+        except Exception:
+            (self.prompt, self.other_prompt, self.target, self.distractor, self.interventions, self.tracing) = saved
+            raise
+
+    def _load_state(self, state: dict) -> Investigation:
         self.prompt = state.get("prompt") or ""
         self.other_prompt = state.get("other_prompt") or None
         self.target = state.get("target") or None

@@ -59,7 +59,7 @@ def write_direction(inv, node: Node) -> Optional[Float[torch.Tensor, " d_model"]
     if node.kind == "neuron":
         return m.blocks[node.layer].mlp.W_out[node.index].detach().float()
     if node.kind == "sae_latent":
-        sae = attached_saes(m).get(node.site)
+        sae = attached_saes(m).get(str(node.site))
         if sae is None or sae.W_dec.shape[-1] != m.cfg.d_model:
             return None
         return sae.W_dec[node.index].detach().float()
