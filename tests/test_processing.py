@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _gpt2_reference import make_hf_gpt2, make_tl, max_diff  # noqa: E402
 
 from tdb_lens import HookedGPT2  # noqa: E402
-from tdb_lens.models.processing import PROCESSING_FLAGS, process_weights_  # noqa: E402
+from tdb_lens.models.gpt2_processing import PROCESSING_FLAGS, process_weights_  # noqa: E402
 
 TOL = 1e-4
 OPTIONS = [
@@ -160,6 +160,9 @@ def test_processing_is_idempotent_and_recorded():
     for k in before:
         assert max_diff(before[k], after[k]) < 1e-6, k
     assert HookedGPT2.from_hf_model(hf).__dict__.get("weight_processing") is None
+    from tdb_lens.models import processing  # the module's former name still imports the same function
+
+    assert processing.process_weights_ is process_weights_
 
 
 @torch.no_grad()

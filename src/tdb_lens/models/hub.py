@@ -133,6 +133,14 @@ class DictSource:
             yield k, t.clone() if self.copy else t
 
 
+def count_nonfinite(t: torch.Tensor) -> int:
+    """How many NaN / infinite values ``t`` holds. A finite sum proves there are none (NaN and Inf
+    propagate into it), which costs a twentieth of an element-wise test; only otherwise are they counted."""
+    if not t.is_floating_point() or t.numel() == 0 or bool(torch.isfinite(t.sum())):
+        return 0
+    return int((~torch.isfinite(t)).sum())
+
+
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     owner_name, _, attr = name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
@@ -154,7 +162,8 @@ def load_state_into(
     """Build the model on ``meta``, check keys and shapes, then fill it tensor by tensor.
 
     ``rename`` maps a checkpoint key to a model parameter name, or None for keys to ignore
-    (e.g. causal-mask buffers). Any problem raises `CheckpointError` before weights are read.
+    (e.g. causal-mask buffers). Any problem with keys or shapes raises `CheckpointError` before weights
+    are read; a tensor holding NaN or Inf raises it while reading (the half-built model is dropped).
     """
     with torch.device("meta"):
         model = build()
@@ -183,7 +192,12 @@ def load_state_into(
     if problems:
         raise CheckpointError(f"{what} does not match the model: " + "; ".join(problems))
     for key, tensor in source.read(plan):
-        _set_tensor(model, plan[key], transform(plan[key], tensor).to(dtype).contiguous())
+        value = transform(plan[key], tensor).to(dtype).contiguous()
+        if bad := count_nonfinite(value):
+            converted = f" after conversion to {dtype}" if tensor.dtype != dtype else ""
+            raise CheckpointError(f"{what}: tensor {key!r} holds {bad} NaN or infinite values{converted} "
+                                  f"(of {value.numel()}); refusing to load it")  # fmt: skip
+        _set_tensor(model, plan[key], value)
     return model
 
 
