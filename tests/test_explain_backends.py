@@ -20,8 +20,9 @@ class FakeServer:
     (``"ok"``, ``"503"``, ``"429"``, ``"400"``, ``"slow"``, ``"garbage"``); when empty it answers ok.
     ``reply(body) -> str`` makes the assistant's text."""
 
-    def __init__(self, reply=lambda body: "names of cities", delay: float = 0.0) -> None:
+    def __init__(self, reply=lambda body: "names of cities", delay: float = 0.0, barrier=None) -> None:
         self.script: list[str] = []
+        self.barrier = barrier
         self.requests: list[dict] = []
         self.headers: list[dict] = []
         self.reply = reply
@@ -51,6 +52,8 @@ class FakeServer:
                         time.sleep(1.0)
                     if outer.delay:
                         time.sleep(outer.delay)
+                    if outer.barrier is not None:
+                        outer.barrier.wait()
                     if action in ("503", "429", "400"):
                         extra = {"Retry-After": "0"} if action == "429" else {}
                         return self._send(int(action), b'{"error": "nope"}', extra)
@@ -111,12 +114,10 @@ def test_key_from_env_and_reply(monkeypatch):
 
 def test_retries_on_server_errors_and_timeouts():
     with FakeServer() as srv:
-        b = OpenAIChatBackend(srv.url, "m", api_key_env=None, timeout=0.3, max_retries=3, backoff=0.01)
+        b = OpenAIChatBackend(srv.url, "m", api_key_env=None, timeout=0.3, max_retries=3, backoff=0.01, deadline=60)
         srv.script = ["503", "429", "slow"]  # two errors and a timeout, then success
-        t = time.time()
         assert b.complete(MSGS) == "names of cities"
         assert len(srv.requests) == 4
-        assert time.time() - t < 5
         srv.script = ["503"] * 4
         with pytest.raises(BackendError, match="no answer after 4 attempts"):
             b.complete(MSGS)
@@ -145,11 +146,14 @@ def test_unreachable_endpoint_is_a_clear_error():
 
 
 def test_concurrency_limit():
-    with FakeServer(delay=0.15) as srv:
-        b = OpenAIChatBackend(srv.url, "m", api_key_env=None, timeout=5, concurrency=2, backoff=0.01)
+    """Requests meet in pairs at a barrier on the server: two are in flight together (a client
+    sending one at a time would break the barrier), never three (the client's limit)."""
+    barrier = threading.Barrier(2, timeout=30)
+    with FakeServer(barrier=barrier) as srv:
+        b = OpenAIChatBackend(srv.url, "m", api_key_env=None, timeout=60, concurrency=2, max_retries=0)
         out = b.complete_many([MSGS] * 6)
         assert out == ["names of cities"] * 6
-        assert srv.max_in_flight == 2
+        assert srv.max_in_flight == 2 and not barrier.broken
 
 
 def test_yes_probability_from_logprobs_and_text():

@@ -10,25 +10,15 @@ top log-probabilities.
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
-Messages = list[dict]
+from .endpoint import BackendError, Messages, OpenAIChatBackend, redact_userinfo
 
-
-class BackendError(RuntimeError):
-    """A chat backend could not answer (endpoint unreachable, bad reply, retries exhausted)."""
+__all__ = ["BackendError", "LocalChatBackend", "Messages", "OpenAIChatBackend", "backend_from_spec"]
 
 
 # ---- local ------------------------------------------------------------------------------------
@@ -96,115 +86,6 @@ def _single(tok, text: str) -> Optional[int]:
     return ids[0] if len(ids) == 1 else None
 
 
-# ---- OpenAI-compatible endpoints ------------------------------------------------------------------
-class OpenAIChatBackend:
-    """``POST {base_url}/chat/completions`` with the standard library.
-
-    ``api_key_env`` names the environment variable holding the key (sent as a bearer token; none
-    sent when it is unset, for local servers). Each request has ``timeout`` seconds; connection
-    errors, timeouts and HTTP 408/409/429/5xx are retried ``max_retries`` times with exponential
-    backoff (``Retry-After`` honoured); at most ``concurrency`` requests are in flight at once.
-    """
-
-    RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
-
-    def __init__(self, base_url: str, model: str, api_key_env: Optional[str] = "OPENAI_API_KEY",
-                 timeout: float = 60.0, max_retries: int = 3, backoff: float = 1.0, concurrency: int = 4,
-                 extra_body: Optional[dict] = None, logprobs: bool = False) -> None:
-        if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
-        if concurrency < 1 or max_retries < 0 or timeout <= 0:
-            raise ValueError("concurrency must be >= 1, max_retries >= 0 and timeout > 0")
-        self.base_url = base_url.rstrip("/")
-        self.model = model
-        self.api_key_env = api_key_env
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self.backoff = backoff
-        self.concurrency = concurrency
-        self.extra_body = dict(extra_body or {})
-        self.logprobs = logprobs
-        self.name = f"openai:{self.model}@{self.base_url}"
-        self._sem = threading.Semaphore(concurrency)
-
-    def _headers(self) -> dict:
-        h = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if key:
-            h["Authorization"] = f"Bearer {key}"
-        return h
-
-    def request(self, body: dict) -> dict:
-        """One chat completion request (with retries); the decoded JSON reply."""
-        data = json.dumps({"model": self.model, **self.extra_body, **body}).encode()
-        url = self.base_url + "/chat/completions"
-        last: Optional[BaseException] = None
-        for attempt in range(self.max_retries + 1):
-            wait = self.backoff * (2 ** attempt)
-            try:
-                with self._sem:
-                    req = urllib.request.Request(url, data=data, headers=self._headers(), method="POST")
-                    with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                        payload = resp.read()
-                try:
-                    return json.loads(payload)
-                except json.JSONDecodeError as e:
-                    raise BackendError(f"{url} answered something that is not JSON: {payload[:200]!r}") from e
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:300].decode(errors="replace") if e.fp else ""
-                if e.code not in self.RETRY_STATUS:
-                    raise BackendError(f"{url} answered HTTP {e.code}: {detail}") from e
-                last = BackendError(f"HTTP {e.code}: {detail}")
-                ra = e.headers.get("Retry-After") if e.headers else None
-                if ra:
-                    try:
-                        wait = max(wait, float(ra))
-                    except ValueError:
-                        pass
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                last = e
-            if attempt < self.max_retries:
-                time.sleep(min(wait, 60.0))
-        raise BackendError(f"{url}: no answer after {self.max_retries + 1} attempts (last error: {last})")
-
-    def complete(self, messages: Messages, max_tokens: int = 48, temperature: float = 0.0,
-                 prefill: Optional[str] = None) -> str:
-        msgs = list(messages)
-        if prefill:
-            msgs = msgs[:-1] + [{**msgs[-1], "content": msgs[-1]["content"] + f"\nStart your answer with: {prefill}"}]
-        reply = self.request({"messages": msgs, "max_tokens": max_tokens, "temperature": temperature})
-        try:
-            return reply["choices"][0]["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError):
-            raise BackendError(f"unexpected reply shape from {self.base_url}: {str(reply)[:300]}") from None
-
-    def complete_many(self, conversations: Sequence[Messages], max_tokens: int = 48, temperature: float = 0.0,
-                      prefill: Optional[str] = None) -> list[str]:
-        with ThreadPoolExecutor(max_workers=self.concurrency) as ex:
-            return list(ex.map(lambda c: self.complete(c, max_tokens, temperature, prefill), conversations))
-
-    def yes_probability(self, conversations: Sequence[Messages]) -> list[float]:
-        def one(c: Messages) -> float:
-            body: dict = {"messages": c, "max_tokens": 1, "temperature": 0.0}
-            if self.logprobs:
-                body.update({"logprobs": True, "top_logprobs": 10})
-            reply = self.request(body)
-            if self.logprobs:
-                try:
-                    top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
-                    y = sum(math.exp(t["logprob"]) for t in top if t["token"].strip().lower() == "yes")
-                    n = sum(math.exp(t["logprob"]) for t in top if t["token"].strip().lower() == "no")
-                    if y + n > 0:
-                        return y / (y + n)
-                except (KeyError, IndexError, TypeError):
-                    pass
-            text = (reply.get("choices") or [{}])[0].get("message", {}).get("content") or ""
-            return 1.0 if text.strip().lower().startswith("yes") else 0.0
-
-        with ThreadPoolExecutor(max_workers=self.concurrency) as ex:
-            return list(ex.map(one, conversations))
-
-
 def backend_from_spec(spec: str, model=None, endpoint_model: str = "gpt-4o-mini",
                       api_key_env: Optional[str] = "OPENAI_API_KEY"):
     """``local`` (SmolLM2-135M-Instruct, or the given chat model), an ``http(s)://`` base URL of an
@@ -218,6 +99,8 @@ def backend_from_spec(spec: str, model=None, endpoint_model: str = "gpt-4o-mini"
         rest = spec[len("openai:"):]
         name, sep, url = rest.partition("@")
         if not sep or not name or not url:
-            raise ValueError(f"an endpoint is openai:MODEL@BASE_URL, e.g. openai:gpt-4o-mini@https://api.openai.com/v1; got {spec!r}")
+            raise ValueError("an endpoint is openai:MODEL@BASE_URL, e.g. openai:gpt-4o-mini@https://api.openai.com/v1; "
+                             f"got {redact_userinfo(spec)!r}")
         return OpenAIChatBackend(url, name, api_key_env=api_key_env)
-    raise ValueError(f"unknown backend {spec!r}: use 'local', an http(s):// base URL or 'openai:MODEL@BASE_URL'")
+    raise ValueError(f"unknown backend {redact_userinfo(spec)!r}: use 'local', an http(s):// base URL or "
+                     "'openai:MODEL@BASE_URL'")
