@@ -17,9 +17,11 @@ from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 import torch
+from jaxtyping import Float
 
+from ..hooks import HookPoint
+from .inputs import prepare
 from .nodes import Node, NodeLike, as_nodes
-from .runs import prepare
 
 Hooks = list
 
@@ -34,11 +36,11 @@ def _by_hook(nodes: Sequence[NodeLike]) -> dict[str, list[Node]]:
 def _replace_hook(nodes: list[Node], value_fn):
     """A hook setting each node's entries of the activation to ``value_fn(act)``'s."""
 
-    def hook(act, hook):
+    def hook(act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         value = value_fn(act).to(act.dtype).expand_as(act)
         act = act.clone()
         for n in nodes:
-            idx = n.act_index()
+            idx = n.act_index(layout=hook.layout)
             act[idx] = value[idx]
         return act
 
@@ -73,6 +75,7 @@ def compute_means(
     sums: dict[str, torch.Tensor] = {}
     counts = torch.zeros(G, P)
     names = list(hook_names)
+    pos_axes = {name: _pos_axis(model, name) for name in names}
     with torch.no_grad():
         for s in range(0, N, batch_size):
             tk = tokens[s:s + batch_size]
@@ -82,9 +85,7 @@ def compute_means(
             onehot = torch.nn.functional.one_hot(g[s:s + batch_size], G).float()  # [b, G]
             counts += onehot.T @ w
             for name in names:
-                act = cache[name]
-                pos_axis = 2 if act.ndim == 4 and name.endswith(("hook_pattern", "hook_attn_scores")) else 1
-                a = act.movedim(pos_axis, 1).float()  # [b, P, ...]
+                a = cache[name].movedim(pos_axes[name], 1).float()  # [b, P, ...]
                 wa = a * w.to(a.device).reshape(w.shape + (1,) * (a.ndim - 2))
                 contrib = torch.einsum("bg,bp...->gp...", onehot.to(a.device), wa)
                 sums[name] = contrib if name not in sums else sums[name] + contrib
@@ -95,13 +96,23 @@ def compute_means(
             mean = t / c.clamp(min=1).reshape(c.shape + (1,) * (t.ndim - 2))
         else:
             mean = t.sum(1, keepdim=True) / c.sum(1).clamp(min=1).reshape((G, 1) + (1,) * (t.ndim - 2))
-        name_is_pair = name.endswith(("hook_pattern", "hook_attn_scores"))
-        out[name] = mean.movedim(1, 2) if name_is_pair else mean
+        out[name] = mean.movedim(1, pos_axes[name])
     return out
 
 
-def _group_rows(means: torch.Tensor, act: torch.Tensor, target_groups: Optional[torch.Tensor], pos_axis: int) -> torch.Tensor:
-    """The mean for each row of ``act``: ``[batch, ...]`` broadcastable to ``act``."""
+def _pos_axis(model: Any, name: str) -> int:
+    """The (query) position axis of the activation at hook ``name``, from its layout."""
+    axis = model.hook_layout(name).pos_axis
+    if axis is None:
+        raise ValueError(f"hook {name!r} has no position axis ({model.hook_layout(name)}): means are taken per position")
+    return axis
+
+
+def means_for_rows(means: Float[torch.Tensor, "group ..."], act: Float[torch.Tensor, "batch ..."],
+                   target_groups: Optional[Union[Sequence[int], torch.Tensor]], pos_axis: int = 1,
+                   key_axis: Optional[int] = None) -> Float[torch.Tensor, "batch ..."]:
+    """The mean for each row of ``act`` (its group's, from `compute_means`): ``[batch, ...]``
+    broadcastable to ``act``, cut to its positions (and keys, on ``key_axis``)."""
     G = means.shape[0]
     b = act.shape[0]
     if target_groups is None:
@@ -122,8 +133,8 @@ def _group_rows(means: torch.Tensor, act: torch.Tensor, target_groups: Optional[
         raise ValueError(f"the means cover {m.shape[pos_axis]} positions but the input has {P}: "
                          "take means over prompts at least as long, or per_position=False")
     m = m.narrow(pos_axis, 0, P)
-    if pos_axis == 2 and m.shape[3] > act.shape[3]:  # pattern / scores: the key axis too
-        m = m.narrow(3, 0, act.shape[3])
+    if key_axis is not None and m.shape[key_axis] > act.shape[key_axis]:  # pattern / scores: the key axis too
+        m = m.narrow(key_axis, 0, act.shape[key_axis])
     return m
 
 
@@ -149,8 +160,9 @@ def mean_ablation_hooks(
     for name, ns in by.items():
         if name not in means:
             raise KeyError(f"no mean for {name!r}; the means cover {list(means)[:5]}")
-        pair = name.endswith(("hook_pattern", "hook_attn_scores"))
-        fn = (lambda m, pa: lambda act: _group_rows(m, act, target_groups, pa))(means[name], 2 if pair else 1)
+        lay = model.hook_layout(name)
+        fn = (lambda m, pa, ka: lambda act: means_for_rows(m, act, target_groups, pa, ka))(
+            means[name], _pos_axis(model, name), lay.key_axis)
         hooks.append((name, _replace_hook(ns, fn)))
     return hooks
 

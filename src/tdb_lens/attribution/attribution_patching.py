@@ -10,18 +10,20 @@ is linear in the node.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
+from jaxtyping import Float
 
-from .activation_patching import _normalise_positions, setup_runs
+from .gradients import metric_objective, run_with_grads
+from .inputs import PatchRuns, setup_runs
 from .metrics import MetricLike
-from .nodes import NodeLike, as_nodes
-from .runs import run_with_grads
+from .nodes import NodeLike
+from .patch_core import hook_names, resolve_nodes
 
 
 def attribution_patch(
-    model,
+    model: Any,
     clean: Any,
     corrupted: Any,
     metric: MetricLike,
@@ -30,33 +32,24 @@ def attribution_patch(
     clean_mask: Optional[torch.Tensor] = None,
     corrupted_mask: Optional[torch.Tensor] = None,
     return_runs: bool = False,
-):
+) -> Union[Float[torch.Tensor, " n_nodes"], tuple[Float[torch.Tensor, " n_nodes"], PatchRuns]]:
     """Estimated effect of patching each node clean -> corrupted: ``[len(nodes)]``.
 
     Unnormalised values are ``metric(corrupted) + estimated change``, in the metric's units, as
     `activation_patch` returns with ``normalise=False``.
     """
     runs = setup_runs(model, clean, corrupted, metric, clean_mask, corrupted_mask)
-    node_list = [_normalise_positions(n, runs.corrupted.shape[1]) for n in as_nodes(nodes)]
-    names = sorted({n.hook_name for n in node_list})
-    for n in names:
-        if n not in model.hook_dict:
-            raise KeyError(f"hook {n!r} (of a node to patch) is not in the model")
+    node_list = resolve_nodes(model, nodes, runs.corrupted.shape[1])
+    names = hook_names(node_list)
     with torch.no_grad():
         clean_logits, clean_cache = model.run_with_cache(runs.clean, attention_mask=runs.clean_mask, names_filter=names)
-    values, acts, grads = run_with_grads(model, runs.corrupted, lambda logits, a: runs.metric(logits), names,
-                                         runs.corrupted_mask)
-    runs.clean_value = float(runs.metric(clean_logits).float().mean())
-    runs.corrupted_value = float(values.float().mean())
-    b = runs.batch
+    grun = run_with_grads(model, runs.corrupted, metric_objective(runs.metric), names, runs.corrupted_mask)
+    runs.set_baselines(clean_logits, grun.values)
+    # a scalar metric: the gradient is already of the batch value
+    b = 1 if grun.values.ndim == 0 else runs.batch
     with torch.no_grad():
-        # per-activation products, then each node sums its slice
-        prod = {n: grads[n] * (clean_cache[n] - acts[n]) for n in names}
-        if values.ndim == 0:  # a scalar metric: the gradient is already of the batch value
-            b = 1
-        out = torch.stack([n.select(prod[n.hook_name]).reshape(prod[n.hook_name].shape[0], -1).sum(-1).sum() / b
+        change = {n: grun.change(n, clean_cache[n]) for n in names}  # per entry, then each node sums its slice
+        out = torch.stack([n.select(change[n.hook_name]).reshape(runs.batch, -1).sum(-1).sum() / b
                            for n in node_list]).float().cpu()
-    res = out / (runs.clean_value - runs.corrupted_value) if normalise else out + runs.corrupted_value
-    if normalise and abs(runs.clean_value - runs.corrupted_value) < 1e-12:
-        raise ValueError("metric(clean) == metric(corrupted): nothing to normalise by; pass normalise=False")
+    res = out / runs.denominator() if normalise else out + runs.corrupted_value
     return (res, runs) if return_runs else res

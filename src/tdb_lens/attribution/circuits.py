@@ -25,12 +25,13 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .ablation import _group_rows, compute_means
-from .activation_patching import setup_runs
+from ..hooks import HookPoint
+from .ablation import compute_means, means_for_rows
+from .gradients import GradRun, metric_objective, run_with_grads
+from .inputs import prepare, setup_runs
 from .metrics import MetricLike, as_metric
 from .nodes import Node, NodeLike, as_node, as_nodes
 from .results import Labelled
-from .runs import prepare, run_with_grads
 
 EdgeLike = Union[tuple[NodeLike, NodeLike], str]
 
@@ -97,8 +98,41 @@ class EdgeScores:
         return float(self.scores.values[self.senders.index(as_node(sender)), self.receivers.index(as_node(receiver))])
 
 
+def _eap_names(model: Any) -> tuple[list[str], list[str], list[str]]:
+    """(embedding hooks, sender hooks, receiver hooks) of the edge graph."""
+    L = model.cfg.n_layers
+    emb = model.find_hooks(component="embed")
+    send = emb + [model.hook_name("z", l) for l in range(L)] + [model.hook_name("mlp_out", l) for l in range(L)]
+    recv = []
+    for l in range(L):
+        recv += [model.hook_name(f"{s}_input", l) for s in "qkv"]
+        recv += [model.hook_name("resid_mid", l), model.hook_name("resid_post", l)]
+    return emb, send, recv
+
+
+def _eap_scores(model: Any, grun: GradRun, clean: dict[str, torch.Tensor], emb: list[str],
+                include_mlps: bool) -> torch.Tensor:
+    """``[sender, receiver]`` sums over batch and positions of (clean - corrupted write) . gradient."""
+    L = model.cfg.n_layers
+    ups = [sum(grun.shift(n, clean[n]) for n in emb)]
+    downs = []
+    for l in range(L):
+        z, mlp = model.hook_name("z", l), model.hook_name("mlp_out", l)
+        dz = grun.shift(z, clean[z])
+        ups += list(torch.einsum("bphd,hdm->hbpm", dz, model.blocks[l].attn.W_O.to(dz.dtype)))
+        for s in "qkv":
+            downs += list(grun.grads[model.hook_name(f"{s}_input", l)].movedim(2, 0))
+        if include_mlps:
+            ups.append(grun.shift(mlp, clean[mlp]))
+            downs.append(grun.grads[model.hook_name("resid_mid", l)] - grun.grads[model.hook_name("resid_post", l)])
+    downs.append(grun.grads[model.hook_name("resid_post", L - 1)])
+    U = torch.stack(ups).flatten(1)  # type: ignore[arg-type]
+    D = torch.stack(downs).flatten(1)
+    return (U @ D.T).float().cpu()
+
+
 def edge_attribution_patching(
-    model,
+    model: Any,
     clean: Any,
     corrupted: Any,
     metric: MetricLike,
@@ -109,45 +143,20 @@ def edge_attribution_patching(
 ) -> EdgeScores:
     """Attribution-patching score of every edge (see the module docstring)."""
     runs = setup_runs(model, clean, corrupted, metric, clean_mask, corrupted_mask)
-    L = model.cfg.n_layers
-    emb = ["hook_embed"] + (["hook_pos_embed"] if "hook_pos_embed" in model.hook_dict else [])
-    send_names = emb + [f"blocks.{l}.attn.hook_z" for l in range(L)] + [f"blocks.{l}.hook_mlp_out" for l in range(L)]
-    recv_names = []
-    for l in range(L):
-        recv_names += [f"blocks.{l}.hook_{s}_input" for s in "qkv"] + [f"blocks.{l}.hook_resid_mid", f"blocks.{l}.hook_resid_post"]
+    emb, send_names, recv_names = _eap_names(model)
     with torch.no_grad():
         clean_logits, cc = model.run_with_cache(runs.clean, attention_mask=runs.clean_mask, names_filter=send_names)
     with split_qkv(model):
-        values, acts, grads = run_with_grads(model, runs.corrupted, lambda lg, a: runs.metric(lg),
-                                             send_names + recv_names, runs.corrupted_mask, grad_names=recv_names)
-    runs.clean_value = float(runs.metric(clean_logits).float().mean())
-    runs.corrupted_value = float(values.float().mean())
-    B = runs.batch if values.ndim else 1
+        grun = run_with_grads(model, runs.corrupted, metric_objective(runs.metric), send_names + recv_names,
+                              runs.corrupted_mask, grad_names=recv_names)
+    runs.set_baselines(clean_logits, grun.values)
     with torch.no_grad():
-        ups = [sum(cc[n] - acts[n] for n in emb)]
-        for l in range(L):
-            dz = cc[f"blocks.{l}.attn.hook_z"] - acts[f"blocks.{l}.attn.hook_z"]
-            ups += list(torch.einsum("bphd,hdm->hbpm", dz, model.blocks[l].attn.W_O.to(dz.dtype)))
-            if include_mlps:
-                ups.append(cc[f"blocks.{l}.hook_mlp_out"] - acts[f"blocks.{l}.hook_mlp_out"])
-        downs = []
-        for l in range(L):
-            for s in "qkv":
-                downs += list(grads[f"blocks.{l}.hook_{s}_input"].movedim(2, 0))
-            if include_mlps:
-                downs.append(grads[f"blocks.{l}.hook_resid_mid"] - grads[f"blocks.{l}.hook_resid_post"])
-        downs.append(grads[f"blocks.{L - 1}.hook_resid_post"])
-        U = torch.stack(ups).flatten(1)
-        D = torch.stack(downs).flatten(1)
-        scores = (U @ D.T).float().cpu() / B
+        scores = _eap_scores(model, grun, cc, emb, include_mlps) / (runs.batch if grun.values.ndim else 1)
     senders, receivers, sd, rd = graph_nodes(model, include_mlps)
     valid = torch.tensor(sd)[:, None] < torch.tensor(rd)[None, :]
     scores = scores.masked_fill(~valid, 0.0)
     if normalise:
-        denom = runs.clean_value - runs.corrupted_value
-        if abs(denom) < 1e-12:
-            raise ValueError("metric(clean) == metric(corrupted): nothing to normalise by; pass normalise=False")
-        scores = scores / denom
+        scores = scores / runs.denominator()
     lab = Labelled(scores, ("sender", "receiver"), ([str(n) for n in senders], [str(n) for n in receivers]),
                    title="edge attribution patching", meta={"clean": runs.clean_value, "corrupted": runs.corrupted_value})
     return EdgeScores(lab, senders, receivers, valid)
@@ -168,20 +177,24 @@ class CircuitResult:
                 f"model={self.model_metric:.4f}, all ablated={self.ablated_metric})")
 
 
-_SCOPE_HOOK = {"head": "attn.hook_z", "mlp": "hook_mlp_out", "neuron": "mlp.hook_post"}
+# what each scope is made of: the hook site its nodes live at
+_SCOPE_SITE = {"head": "z", "mlp": "mlp_out", "neuron": "post"}
+
+
+def scope_hook_names(model: Any, scope: Sequence[str]) -> list[str]:
+    """The hook points a circuit of ``scope`` ("head", "mlp", "neuron") ablates, layer by layer."""
+    return [model.hook_name(_SCOPE_SITE[s], l) for l in range(model.cfg.n_layers) for s in scope]
 
 
 def _keep_masks(model, nodes: list[Node], scope: Sequence[str], n_pos: int) -> dict[str, torch.Tensor]:
     """hook name -> bool mask of what the circuit keeps: heads ``[P, H]``, mlps ``[P]``, neurons ``[P, N]``."""
-    cfg = model.cfg
     masks: dict[str, torch.Tensor] = {}
-    for l in range(cfg.n_layers):
-        if "head" in scope:
-            masks[f"blocks.{l}.attn.hook_z"] = torch.zeros(n_pos, cfg.n_heads, dtype=torch.bool)
-        if "mlp" in scope:
-            masks[f"blocks.{l}.hook_mlp_out"] = torch.zeros(n_pos, dtype=torch.bool)
-        if "neuron" in scope:
-            masks[f"blocks.{l}.mlp.hook_post"] = torch.zeros(n_pos, cfg.d_mlp, dtype=torch.bool)
+    for l in range(model.cfg.n_layers):
+        for s in ("head", "mlp", "neuron"):
+            if s in scope:
+                lay = model.hook_layout(model.hook_name(_SCOPE_SITE[s], l))
+                units = () if lay.unit_axis is None else (lay.size(lay.axes[lay.unit_axis]),)
+                masks[model.hook_name(_SCOPE_SITE[s], l)] = torch.zeros((n_pos, *units), dtype=torch.bool)
     for n in nodes:
         kind = {"head": "head", "mlp": "mlp", "neuron": "neuron"}.get(n.kind)
         if kind is None or kind not in scope or (n.kind == "head" and n.site != "z"):
@@ -216,7 +229,7 @@ def circuit_hooks(model, means: dict[str, torch.Tensor], nodes: Sequence[NodeLik
                 return act
             keep = masks_for(act.shape[1])[name].to(act.device)
             keep = keep.reshape((1,) + tuple(keep.shape) + (1,) * (act.ndim - 1 - keep.ndim))
-            mean = _group_rows(means[name], act, target_groups, 1)
+            mean = means_for_rows(means[name], act, target_groups)
             return torch.where(keep, act, mean.to(act.dtype))
 
         hooks.append((name, hook))
@@ -257,6 +270,9 @@ def _edge_plan(model, edges: Iterable[EdgeLike]) -> tuple[set[int], dict[tuple[i
     return in_edge, kept, to_logits
 
 
+_INPUT_SIDE = {"q_input": "q", "k_input": "k", "v_input": "v"}
+
+
 def edge_circuit_hooks(model, means: dict[str, torch.Tensor], edges: Iterable[EdgeLike], target_groups=None) -> list:
     """Hooks for an edge circuit (needs ``split_qkv``): heads that send along no edge are mean-ablated;
     along an edge outside the set, the receiver's input gets the sender's mean write instead of its
@@ -267,19 +283,18 @@ def edge_circuit_hooks(model, means: dict[str, torch.Tensor], edges: Iterable[Ed
     alive_heads, kept, to_logits = _edge_plan(model, edges)
     deltas: list[torch.Tensor] = []  # per layer [b, P, H, d]: actual write - mean write
 
-    def z_hook(act, hook):
-        l = int(hook.name.split(".")[1])
+    def z_hook(act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        l = hook.layer()
         if l == 0:
             deltas.clear()
-        mean = _group_rows(means[hook.name], act, target_groups, 1).to(act.dtype)
+        mean = means_for_rows(means[hook.name], act, target_groups).to(act.dtype)
         alive = torch.tensor([l * H + h in alive_heads for h in range(H)], device=act.device)
         act = torch.where(alive[None, None, :, None], act, mean)
         deltas.append(torch.einsum("bphd,hdm->bphm", act - mean, model.blocks[l].attn.W_O.to(act.dtype)))
         return act
 
-    def input_hook(act, hook):
-        parts = hook.name.split(".")
-        l, site = int(parts[1]), parts[2][len("hook_"):-len("_input")]
+    def input_hook(act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        l, site = hook.layer(), _INPUT_SIDE[hook.layout.site]
         if l == 0:
             return act
         D = torch.cat(deltas[:l], dim=2)  # [b, P, l*H, d]
@@ -291,9 +306,9 @@ def edge_circuit_hooks(model, means: dict[str, torch.Tensor], edges: Iterable[Ed
         drop = (~to_logits).to(act.dtype).to(act.device)
         return act - torch.einsum("bpud,u->bpd", D, drop)
 
-    hooks = [(f"blocks.{l}.attn.hook_z", z_hook) for l in range(L)]
-    hooks += [(f"blocks.{l}.hook_{s}_input", input_hook) for l in range(L) for s in "qkv"]
-    hooks.append((f"blocks.{L - 1}.hook_resid_post", logits_hook))
+    hooks = [(model.hook_name("z", l), z_hook) for l in range(L)]
+    hooks += [(model.hook_name(f"{s}_input", l), input_hook) for l in range(L) for s in "qkv"]
+    hooks.append((model.hook_name("resid_post", L - 1), logits_hook))
     return hooks
 
 
@@ -320,7 +335,7 @@ def evaluate_circuit(
         raise ValueError("give exactly one of nodes= or edges=")
     metric = as_metric(metric)
     tokens, mask = prepare(model, input, attention_mask)
-    names = [f"blocks.{l}.{_SCOPE_HOOK[s]}" for l in range(model.cfg.n_layers) for s in (scope if nodes is not None else ("head",))]
+    names = scope_hook_names(model, scope if nodes is not None else ("head",))
     if means is None:
         ref = tokens if reference is None else reference
         rmask = (mask if reference is None else reference_mask)

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
+from jaxtyping import Float
 
+from .act_grad import node_names
+from .gradients import metric_objective, run_with_grads
+from .inputs import attached_saes, prepare, sae_hook_name
 from .metrics import MetricLike, as_metric
-from .results import Labelled
-from .runs import attached_saes, frozen_final, prepare, run_with_grads
-from .scores import NodeScores, _pos_labels
+from .results import Labelled, pos_labels
+from .scores import NodeScores
 
 
 @dataclass
@@ -56,11 +59,29 @@ class DirectEffects(NodeScores):
         if self.pos_embed is not None:
             v = v + self.pos_embed
         v = v.float().mean(0)
-        return Labelled(v, ("pos",), (_pos_labels(len(v), str_tokens),), title=f"{self.title} by position")
+        return Labelled(v, ("pos",), (pos_labels(len(v), str_tokens),), title=f"{self.title} by position")
+
+
+def _layer_terms(model: Any, acts: dict, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-layer direct effects through the gradient ``g`` at the final residual, stacked on axis 1."""
+    dot = lambda x: (x * g).sum(-1)
+    terms: dict[str, list] = {k: [] for k in ("head", "neuron", "attn", "mlp", "attn_bias", "mlp_bias", "resid")}
+    for l in range(model.cfg.n_layers):
+        blk = model.blocks[l]
+        gW = torch.einsum("bpm,hdm->bphd", g, blk.attn.W_O.to(g.dtype))  # [b, P, H, dh]
+        terms["head"].append((acts[model.hook_name("z", l)] * gW).sum(-1))
+        terms["neuron"].append(acts[model.hook_name("post", l)] * (g @ blk.mlp.W_out.to(g.dtype).T))
+        terms["attn"].append(dot(acts[model.hook_name("attn_out", l)]))
+        terms["mlp"].append(dot(acts[model.hook_name("mlp_out", l)]))
+        terms["attn_bias"].append(g @ blk.attn.b_O.to(g.dtype))
+        terms["mlp_bias"].append(g @ blk.mlp.b_out.to(g.dtype))
+        terms["resid"].append(dot(acts[model.hook_name("resid_pre", l)]))
+    terms["resid"].append(dot(acts[model.hook_name("resid_post", -1)]))
+    return {k: torch.stack(v, 1).detach() for k, v in terms.items()}
 
 
 def direct_effects(
-    model,
+    model: Any,
     input: Any,
     metric: MetricLike,
     attention_mask: Optional[torch.Tensor] = None,
@@ -72,62 +93,41 @@ def direct_effects(
     """
     metric = as_metric(metric)
     tokens, mask = prepare(model, input, attention_mask)
-    L = model.cfg.n_layers
-    final = f"blocks.{L - 1}.hook_resid_post"
-    names = ["hook_embed"] + (["hook_pos_embed"] if "hook_pos_embed" in model.hook_dict else [])
-    for l in range(L):
-        names += [f"blocks.{l}.hook_resid_pre", f"blocks.{l}.attn.hook_z", f"blocks.{l}.hook_attn_out",
-                  f"blocks.{l}.mlp.hook_post", f"blocks.{l}.hook_mlp_out"]
-    names += [final, "ln_final.hook_scale"]
+    final, scale_name = model.hook_name("resid_post", -1), model.hook_name("scale", component="ln_final")
+    embeds = model.find_hooks(component="embed")
     saes = attached_saes(model) if include_saes else {}
     saes = {s: sae for s, sae in saes.items() if sae.W_dec.shape[-1] == model.cfg.d_model}
-    for s in saes:
-        names += [f"{s}.hook_sae_acts_post", f"{s}.hook_sae_error"]
-    values, acts, grads = run_with_grads(
-        model, tokens, lambda logits, a: metric(logits), names, mask, grad_names=[final], freeze_final_scale=True
-    )
-    g = grads[final]  # [b, P, d]
+    sae_names = {s: (sae_hook_name(model, s, "sae_acts_post"), sae_hook_name(model, s, "sae_error")) for s in saes}
+    names = embeds + node_names(model, ("resid", "head", "attn", "neuron", "mlp")) + [scale_name]
+    names += [n for pair in sae_names.values() for n in pair]
+    grun = run_with_grads(model, tokens, metric_objective(metric), names, mask, grad_names=[final],
+                          freeze_final_scale=True)
+    acts, g = grun.acts, grun.grads[final]  # g: [b, P, d]
     dot = lambda x: (x * g).sum(-1)
-    head, neuron, attn, mlp, attn_b, mlp_b, resid = [], [], [], [], [], [], []
-    for l in range(L):
-        blk = model.blocks[l]
-        W_O = blk.attn.W_O.to(g.dtype)  # [H, dh, d]
-        gW = torch.einsum("bpm,hdm->bphd", g, W_O)
-        head.append((acts[f"blocks.{l}.attn.hook_z"] * gW).sum(-1))
-        neuron.append(acts[f"blocks.{l}.mlp.hook_post"] * (g @ blk.mlp.W_out.to(g.dtype).T))
-        attn.append(dot(acts[f"blocks.{l}.hook_attn_out"]))
-        mlp.append(dot(acts[f"blocks.{l}.hook_mlp_out"]))
-        attn_b.append(g @ blk.attn.b_O.to(g.dtype))
-        mlp_b.append(g @ blk.mlp.b_out.to(g.dtype))
-        resid.append(dot(acts[f"blocks.{l}.hook_resid_pre"]))
-    resid.append(dot(acts[final]))
     with torch.no_grad():
-        scale = acts["ln_final.hook_scale"]
-        zero_logits = model.unembed(frozen_final(model, torch.zeros_like(acts[final]), scale))
+        zero_logits = model.logits_from_resid(torch.zeros_like(acts[final]), norm_scale=acts[scale_name])
         constant = metric(zero_logits)
+    pos_embed = model.find_hooks(component="embed", site="pos_embed")
     out = DirectEffects(
-        head=torch.stack(head, 1).detach(), neuron=torch.stack(neuron, 1).detach(),
-        attn=torch.stack(attn, 1).detach(), mlp=torch.stack(mlp, 1).detach(),
-        resid=torch.stack(resid, 1).detach(), embed=dot(acts["hook_embed"]).detach(),
-        pos_embed=dot(acts["hook_pos_embed"]).detach() if "hook_pos_embed" in acts else None,
-        attn_bias=torch.stack(attn_b, 1).detach(), mlp_bias=torch.stack(mlp_b, 1).detach(),
-        constant=constant.detach(), metric=values, gradient=g.detach(), title="direct effect",
+        **_layer_terms(model, acts, g), embed=dot(acts[model.hook_name("embed")]).detach(),
+        pos_embed=dot(acts[pos_embed[0]]).detach() if pos_embed else None,
+        constant=constant.detach(), metric=grun.values, gradient=g.detach(), title="direct effect",
     )
     for s, sae in saes.items():
-        W_dec = sae.W_dec.to(g.dtype)
-        out.sae[s] = (acts[f"{s}.hook_sae_acts_post"] * (g @ W_dec.T)).detach()
-        out.sae_error[s] = dot(acts[f"{s}.hook_sae_error"]).detach()
+        lat, err = sae_names[s]
+        out.sae[s] = (acts[lat] * (g @ sae.W_dec.to(g.dtype).T)).detach()
+        out.sae_error[s] = dot(acts[err]).detach()
         out.sae_bias[s] = (g @ sae.b_dec.to(g.dtype)).detach()
     return out
 
 
 def logit_lens(
-    model,
+    model: Any,
     input: Any,
     metric: Optional[MetricLike] = None,
     attention_mask: Optional[torch.Tensor] = None,
     frozen_scale: bool = False,
-):
+) -> Union[Labelled, Float[torch.Tensor, "layer batch pos vocab"]]:
     """The logit lens: the residual entering each layer (and the final one) through the final norm
     and the unembedding.
 
@@ -138,16 +138,15 @@ def logit_lens(
     """
     tokens, mask = prepare(model, input, attention_mask)
     L = model.cfg.n_layers
-    names = [f"blocks.{l}.hook_resid_pre" for l in range(L)] + [f"blocks.{L - 1}.hook_resid_post", "ln_final.hook_scale"]
+    resid_names = [model.hook_name("resid_pre", l) for l in range(L)] + [model.hook_name("resid_post", -1)]
+    scale_name = model.hook_name("scale", component="ln_final")
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=names)
-        stack = torch.stack([cache[n] for n in names[:-1]])  # [L+1, b, P, d]
-        if frozen_scale:
-            normed = frozen_final(model, stack, cache["ln_final.hook_scale"])
-        else:
-            normed = model.ln_final(stack)
+        _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=resid_names + [scale_name])
+        stack = torch.stack([cache[n] for n in resid_names])  # [L+1, b, P, d]
+        scale = cache[scale_name] if frozen_scale else None
+        logits = (model.logits_from_resid(stack[i], norm_scale=scale) for i in range(L + 1))  # one layer at a time
         if metric is None:
-            return model.unembed(normed)
+            return torch.stack(list(logits))
         m = as_metric(metric)
-        vals = torch.stack([m(model.unembed(normed[i])).float().mean() for i in range(L + 1)])
+        vals = torch.stack([m(x).float().mean() for x in logits])
     return Labelled(vals, ("layer",), ([f"L{l}.R" for l in range(L)] + ["final"],), title="logit lens")

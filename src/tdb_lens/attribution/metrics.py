@@ -124,7 +124,8 @@ class LogitDiff(Metric):
         return out
 
     def __repr__(self) -> str:
-        return f"LogitDiff(targets={self.targets.tolist()}, distractors={None if self.distractors is None else self.distractors.tolist()})"
+        d = None if self.distractors is None else self.distractors.tolist()
+        return f"LogitDiff(targets={self.targets.tolist()}, distractors={d})"
 
 
 class Logit(LogitDiff):

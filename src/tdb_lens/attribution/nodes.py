@@ -30,22 +30,78 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
+
+from ..hooks.layout import POSITION_AXES, UNIT_AXES, HookLayout
+from ..hooks.names import block_of, get_act_name, spliced_hook_name
 
 NEURON, HEAD, RESID, ATTN, MLP, EMBED, POS_EMBED, SAE_LATENT, SAE_ERROR = (
     "neuron", "head", "resid", "attn", "mlp", "embed", "pos_embed", "sae_latent", "sae_error",
 )
 KINDS = (NEURON, HEAD, RESID, ATTN, MLP, EMBED, POS_EMBED, SAE_LATENT, SAE_ERROR)
 
-# head sites: the hook (inside ``blocks.{l}.attn``) and whether the activation is [b, head, q, k]
-HEAD_SITES = {
-    "z": "hook_z", "q": "hook_q", "k": "hook_k", "v": "hook_v", "result": "hook_result",
-    "rot_q": "hook_rot_q", "rot_k": "hook_rot_k", "pattern": "hook_pattern", "scores": "hook_attn_scores",
+_VEC = ("batch", "pos", "d_model")
+_HEADS = ("batch", "pos", "head", "d_head")
+_KV_HEADS = ("batch", "pos", "kv_head", "d_head")
+_PAIRS = ("batch", "head", "query_pos", "key_pos")
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """One hook site a node can live at: its TransformerLens short name and its activation's axes
+    (the same axes the model's hook point declares in its `HookLayout`)."""
+
+    hook_site: str
+    axes: tuple[str, ...]
+
+
+# a head node's sub-site -> where its activation lives
+HEAD_SITE_SPECS = {
+    "z": SiteSpec("z", _HEADS), "q": SiteSpec("q", _HEADS), "k": SiteSpec("k", _KV_HEADS),
+    "v": SiteSpec("v", _KV_HEADS), "result": SiteSpec("result", ("batch", "pos", "head", "d_model")),
+    "rot_q": SiteSpec("rot_q", _HEADS), "rot_k": SiteSpec("rot_k", _KV_HEADS),
+    "pattern": SiteSpec("pattern", _PAIRS), "scores": SiteSpec("attn_scores", _PAIRS),
 }
+# head sites: the hook inside ``blocks.{l}.attn``
+HEAD_SITES = {k: f"hook_{v.hook_site}" for k, v in HEAD_SITE_SPECS.items()}
 PAIR_SITES = ("pattern", "scores")
 RESID_SITES = ("pre", "mid", "post")
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """What a node kind is made of and where it lives: whether it has a layer and a unit index,
+    its sub-sites (``sites``: sub-site -> `SiteSpec`; None for kinds that take no site and live at
+    ``fixed``; ``host``: the site is the hook an SAE is spliced at), its string ``text`` (a format
+    over ``layer``, ``index``, ``sub`` and ``site``) and its depth rank among a layer's nodes."""
+
+    needs_layer: bool
+    needs_index: bool
+    text: str
+    rank: float
+    fixed: Optional[SiteSpec] = None
+    sites: Optional[dict[str, SiteSpec]] = None
+    host: bool = False
+
+
+KIND_SPECS: dict[str, KindSpec] = {
+    NEURON: KindSpec(True, True, "L{layer}.N{index}", 5, fixed=SiteSpec("post", ("batch", "pos", "d_mlp"))),
+    HEAD: KindSpec(True, True, "L{layer}.H{index}{sub}", 3, sites=HEAD_SITE_SPECS),
+    RESID: KindSpec(True, False, "L{layer}.R{sub}", 2,
+                    sites={s: SiteSpec(f"resid_{s}", _VEC) for s in RESID_SITES}),
+    ATTN: KindSpec(True, False, "L{layer}.ATTN", 4, fixed=SiteSpec("attn_out", _VEC)),
+    MLP: KindSpec(True, False, "L{layer}.MLP", 6, fixed=SiteSpec("mlp_out", _VEC)),
+    EMBED: KindSpec(False, False, "E", 0, fixed=SiteSpec("embed", _VEC)),
+    POS_EMBED: KindSpec(False, False, "P", 1, fixed=SiteSpec("pos_embed", _VEC)),
+    SAE_LATENT: KindSpec(False, True, "{site}:F{index}", 7, fixed=SiteSpec("sae_acts_post", ("batch", "pos", "d_sae")),
+                         host=True),
+    SAE_ERROR: KindSpec(False, False, "{site}:ERR", 7, fixed=SiteSpec("sae_error", _VEC), host=True),
+}
+# residual sub-sites sit between the kinds of their layer: pre before the heads, mid between
+# attention and MLP, post after everything
+_RESID_RANK = {"pre": 2.0, "mid": 4.5, "post": 8.0}
 
 _POS = r"(?:@(?P<pos>-?\d+)(?:>(?P<key>-?\d+))?)?"
 _RE_LAYER = re.compile(r"^L(?P<layer>\d+)\.(?P<body>[^@]+)" + _POS + r"$")
@@ -54,6 +110,26 @@ _RE_SAE = re.compile(r"^(?P<site>[^:@]+):(?:F(?P<latent>\d+)|(?P<err>ERR))" + _P
 _RE_HEAD = re.compile(r"^H(?P<head>\d+)(?:\.(?P<site>[a-z_]+))?$")
 _RE_NEURON = re.compile(r"^N(?P<neuron>\d+)$")
 _RE_RESID = re.compile(r"^R(?:\.(?P<site>pre|mid|post))?$")
+
+
+def _index_for(axes: tuple[str, ...], pos: Any, key_pos: Any, unit: Optional[int]) -> tuple:
+    """Index tuple into an activation with ``axes``: positions on the (query) position axis, the
+    key position on ``key_pos``, the unit on the first unit axis; trailing full slices dropped."""
+    idx: list[Any] = []
+    unit_done = unit is None
+    for a in axes:
+        if a in POSITION_AXES:
+            idx.append(pos)
+        elif a == "key_pos":
+            idx.append(key_pos)
+        elif not unit_done and a in UNIT_AXES:
+            idx.append(unit)
+            unit_done = True
+        else:
+            idx.append(slice(None))
+    while idx and isinstance(idx[-1], slice) and idx[-1] == slice(None):
+        idx.pop()
+    return tuple(idx)
 
 
 @dataclass(frozen=True)
@@ -76,6 +152,11 @@ class Node:
     site: Optional[str] = None
 
     # -- validation ---------------------------------------------------------------------------
+    @property
+    def spec(self) -> KindSpec:
+        """This node's `KindSpec` (what it is made of, where it lives)."""
+        return KIND_SPECS[self.kind]
+
     def __post_init__(self) -> None:
         k = self.kind
         if k not in KINDS:
@@ -84,32 +165,34 @@ class Node:
             v = getattr(self, f)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
                 raise TypeError(f"Node.{f} must be an int or None, got {type(v).__name__} {v!r}")
-        needs_layer = k in (NEURON, HEAD, RESID, ATTN, MLP)
-        if needs_layer and (self.layer is None or self.layer < 0):
+        spec = KIND_SPECS[k]
+        if spec.needs_layer and (self.layer is None or self.layer < 0):
             raise ValueError(f"a {k} node needs a layer >= 0, got {self.layer!r}")
-        if not needs_layer and self.layer is not None:
+        if not spec.needs_layer and self.layer is not None:
             raise ValueError(f"a {k} node has no layer, got layer={self.layer!r}")
-        needs_index = k in (NEURON, HEAD, SAE_LATENT)
-        if needs_index and (self.index is None or self.index < 0):
+        if spec.needs_index and (self.index is None or self.index < 0):
             raise ValueError(f"a {k} node needs an index >= 0 (neuron, head or latent number), got {self.index!r}")
-        if not needs_index and self.index is not None:
+        if not spec.needs_index and self.index is not None:
             raise ValueError(f"a {k} node has no index, got index={self.index!r}")
-        if k == HEAD:
-            if self.site not in HEAD_SITES:
-                raise ValueError(f"head site must be one of {tuple(HEAD_SITES)}, got {self.site!r}")
-            if self.key_pos is not None and self.site not in PAIR_SITES:
+        self._check_site(spec)
+        if self.key_pos is not None:
+            if k != HEAD:
+                raise ValueError(f"only head nodes have a key position, got key_pos={self.key_pos!r} on a {k} node")
+            if self.site not in PAIR_SITES:
                 raise ValueError(f"a key position needs head site 'pattern' or 'scores', got {self.site!r}")
-            if self.key_pos is not None and self.pos is None:
+            if self.pos is None:
                 raise ValueError("a key position needs a query position too (e.g. 'L3.H1@5>2')")
-        elif self.key_pos is not None:
-            raise ValueError(f"only head nodes have a key position, got key_pos={self.key_pos!r} on a {k} node")
-        if k == RESID and self.site not in RESID_SITES:
-            raise ValueError(f"residual site must be one of {RESID_SITES}, got {self.site!r}")
-        if k in (SAE_LATENT, SAE_ERROR):
-            if not isinstance(self.site, str) or not self.site or ":" in self.site or "@" in self.site:
-                raise ValueError(f"an SAE node needs site = the hook name the SAE is spliced at, got {self.site!r}")
-        if k in (NEURON, ATTN, MLP, EMBED, POS_EMBED) and self.site is not None:
-            raise ValueError(f"a {k} node has no site, got site={self.site!r}")
+
+    def _check_site(self, spec: KindSpec) -> None:
+        k, site = self.kind, self.site
+        if spec.host:
+            if not isinstance(site, str) or not site or ":" in site or "@" in site:
+                raise ValueError(f"an SAE node needs site = the hook name the SAE is spliced at, got {site!r}")
+        elif spec.sites is not None:
+            if site not in spec.sites:
+                raise ValueError(f"{k} site must be one of {tuple(spec.sites)}, got {site!r}")
+        elif site is not None:
+            raise ValueError(f"a {k} node has no site, got site={site!r}")
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
@@ -159,26 +242,13 @@ class Node:
         return f"@{self.pos}" + ("" if self.key_pos is None else f">{self.key_pos}")
 
     def __str__(self) -> str:
-        k, p = self.kind, self._pos_str()
-        if k == NEURON:
-            return f"L{self.layer}.N{self.index}{p}"
-        if k == HEAD:
+        sub = ""
+        if self.kind == HEAD:
             default = "pattern" if self.key_pos is not None else "z"
             sub = "" if self.site == default else f".{self.site}"
-            return f"L{self.layer}.H{self.index}{sub}{p}"
-        if k == RESID:
-            return f"L{self.layer}.R{'' if self.site == 'pre' else '.' + str(self.site)}{p}"
-        if k == ATTN:
-            return f"L{self.layer}.ATTN{p}"
-        if k == MLP:
-            return f"L{self.layer}.MLP{p}"
-        if k == EMBED:
-            return f"E{p}"
-        if k == POS_EMBED:
-            return f"P{p}"
-        if k == SAE_LATENT:
-            return f"{self.site}:F{self.index}{p}"
-        return f"{self.site}:ERR{p}"
+        elif self.kind == RESID:
+            sub = "" if self.site == "pre" else f".{self.site}"
+        return self.spec.text.format(layer=self.layer, index=self.index, sub=sub, site=self.site) + self._pos_str()
 
     def __repr__(self) -> str:
         return f"Node({str(self)!r})"
@@ -240,51 +310,67 @@ class Node:
 
     # -- where the activation lives -----------------------------------------------------------
     @property
+    def site_spec(self) -> SiteSpec:
+        """The hook site this node's activation lives at and that activation's axes."""
+        spec = self.spec
+        return spec.fixed if spec.fixed is not None else spec.sites[self.site]  # type: ignore[index]
+
+    @property
+    def hook_site(self) -> str:
+        """TransformerLens' short name of the hook site (``"z"``, ``"post"``, ``"resid_mid"`` ...)."""
+        return self.site_spec.hook_site
+
+    @property
+    def host(self) -> Optional[str]:
+        """The hook an SAE node's SAE is spliced at (None for other nodes)."""
+        return self.site if self.spec.host else None
+
+    @property
     def hook_name(self) -> str:
         """The hook point whose activation this node indexes."""
-        k, l = self.kind, self.layer
-        if k == NEURON:
-            return f"blocks.{l}.mlp.hook_post"
-        if k == HEAD:
-            return f"blocks.{l}.attn.{HEAD_SITES[self.site]}"  # type: ignore[index]
-        if k == RESID:
-            return f"blocks.{l}.hook_resid_{self.site}"
-        if k == ATTN:
-            return f"blocks.{l}.hook_attn_out"
-        if k == MLP:
-            return f"blocks.{l}.hook_mlp_out"
-        if k == EMBED:
-            return "hook_embed"
-        if k == POS_EMBED:
-            return "hook_pos_embed"
-        if k == SAE_LATENT:
-            return f"{self.site}.hook_sae_acts_post"
-        return f"{self.site}.hook_sae_error"
+        if self.spec.host:
+            return spliced_hook_name(self.site, self.hook_site)  # type: ignore[arg-type]
+        return get_act_name(self.hook_site, self.layer)
+
+    def hook_layout(self, model: Any) -> HookLayout:
+        """The layout of this node's hook point in ``model`` (a KeyError naming the node if absent)."""
+        name = self.hook_name
+        if name not in model.hook_dict:
+            raise KeyError(f"{self}: hook {name!r} is not in the model" + (" (attach the SAE first?)" if self.host else ""))
+        return model.hook_layout(name)
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """The axes of the activation this node indexes (as the model's `HookLayout` names them)."""
+        return self.site_spec.axes
+
+    @property
+    def pos_axis(self) -> int:
+        """The axis of that activation holding this node's (query) position."""
+        return next(i for i, a in enumerate(self.axes) if a in POSITION_AXES)
 
     @property
     def is_pair(self) -> bool:
         """True for head nodes indexing ``[batch, head, q, k]`` (pattern / scores)."""
-        return self.kind == HEAD and self.site in PAIR_SITES
+        return "key_pos" in self.axes
 
     @property
     def is_scalar(self) -> bool:
         """True when one position's activation is a number (neuron, latent, attention pair)."""
         return self.kind in (NEURON, SAE_LATENT) or (self.is_pair and self.key_pos is not None)
 
-    def act_index(self, has_batch_dim: bool = True) -> tuple:
+    def act_index(self, has_batch_dim: bool = True, layout: Optional[HookLayout] = None) -> tuple:
         """Index tuple into the hook's activation: ``act[node.act_index()]`` reads (or assigns) it.
 
-        Positions that are None select every position (the axis is kept).
+        The tuple follows the activation's axes (``layout.axes`` when given, else `axes`):
+        positions that are None select every position (the axis is kept).
         """
+        axes = self.axes if layout is None else layout.axes
+        if not has_batch_dim and axes and axes[0] == "batch":
+            axes = axes[1:]
         p = slice(None) if self.pos is None else self.pos
-        if self.is_pair:
-            kp = slice(None) if self.key_pos is None else self.key_pos
-            idx: tuple = (self.index, p, kp)
-        elif self.kind in (NEURON, HEAD, SAE_LATENT):
-            idx = (p, self.index)
-        else:
-            idx = (p,)
-        return ((slice(None),) + idx) if has_batch_dim else idx
+        kp = slice(None) if self.key_pos is None else self.key_pos
+        return _index_for(axes, p, kp, self.index)
 
     def select(self, act: torch.Tensor, has_batch_dim: bool = True) -> torch.Tensor:
         """This node's slice of an activation recorded at ``hook_name``."""
@@ -316,12 +402,10 @@ class Node:
     def sort_key(self) -> tuple:
         """Orders nodes by depth: embeddings, then layer by layer (attention before MLP), then SAEs."""
         layer_rank = -1 if self.layer is None else self.layer
-        kind_rank = {EMBED: 0, POS_EMBED: 1, RESID: 2, HEAD: 3, ATTN: 4, NEURON: 5, MLP: 6}.get(self.kind, 7)
-        if self.kind == RESID:
-            kind_rank = {"pre": 2, "mid": 4.5, "post": 8}[self.site]  # type: ignore[index]
-        if self.kind in (SAE_LATENT, SAE_ERROR):
-            m = re.match(r"blocks\.(\d+)\.", self.site or "")
-            layer_rank = int(m.group(1)) if m else 10**6
+        kind_rank = _RESID_RANK[self.site] if self.kind == RESID else self.spec.rank  # type: ignore[index]
+        if self.host is not None:
+            block = block_of(self.host)
+            layer_rank = 10**6 if block is None else block
         return (layer_rank, kind_rank, self.site or "", -1 if self.index is None else self.index,
                 -(10**9) if self.pos is None else self.pos, -(10**9) if self.key_pos is None else self.key_pos)
 
@@ -353,6 +437,7 @@ sae_latent = Node.sae_latent
 sae_error = Node.sae_error
 
 __all__ = [
-    "Node", "NodeLike", "as_node", "as_nodes", "KINDS", "HEAD_SITES", "RESID_SITES",
+    "Node", "NodeLike", "as_node", "as_nodes", "KINDS", "KIND_SPECS", "KindSpec", "SiteSpec", "HEAD_SITES",
+    "HEAD_SITE_SPECS", "RESID_SITES",
     "neuron", "head", "resid", "attn_out", "mlp_out", "embed", "pos_embed", "sae_latent", "sae_error",
 ]

@@ -151,3 +151,10 @@ def node_grid(nodes: Sequence[Node], shape: Sequence[int]) -> np.ndarray:
     for i, n in enumerate(nodes):
         arr[i] = n
     return arr.reshape(tuple(shape))
+
+
+def pos_labels(n_pos: int, str_tokens: Optional[Sequence[str]] = None) -> list[str]:
+    """Labels of ``n_pos`` positions: ``"p:token"`` when the tokens are given (and as many), else ``"p"``."""
+    if str_tokens is not None and len(str_tokens) == n_pos:
+        return [f"{p}:{t}" for p, t in enumerate(str_tokens)]
+    return [str(p) for p in range(n_pos)]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .nodes import Node, NodeLike, as_node
-from .results import Labelled, node_grid
+from .results import Labelled, node_grid, pos_labels
 
 
 @dataclass
@@ -158,7 +158,7 @@ class NodeScores:
         L, P, H = h.shape
         v = h.permute(0, 2, 1).reshape(L * H, P)
         nodes = [Node.head(l, i, p) for l in range(L) for i in range(H) for p in range(P)]
-        return Labelled(v, ("head", "pos"), ([f"L{l}.H{i}" for l in range(L) for i in range(H)], _pos_labels(P, str_tokens)),
+        return Labelled(v, ("head", "pos"), ([f"L{l}.H{i}" for l in range(L) for i in range(H)], pos_labels(P, str_tokens)),
                         title=f"{self.title} by head and position", nodes=node_grid(nodes, (L * H, P)))
 
     def neurons_grid(self, layer: int) -> Labelled:
@@ -166,7 +166,7 @@ class NodeScores:
         v = self.neuron[:, layer].float().mean(0)  # type: ignore[index]
         P, N = v.shape
         nodes = [Node.neuron(layer, n, p) for p in range(P) for n in range(N)]
-        return Labelled(v, ("pos", "neuron"), (_pos_labels(P), [str(n) for n in range(N)]),
+        return Labelled(v, ("pos", "neuron"), (pos_labels(P), [str(n) for n in range(N)]),
                         title=f"{self.title} L{layer} neurons", nodes=node_grid(nodes, (P, N)))
 
     def layers_grid(self) -> Labelled:
@@ -185,11 +185,7 @@ class NodeScores:
         L, P = a.shape
         v = torch.stack([a, m], 1).reshape(2 * L, P)
         nodes = [f(l, p) for l in range(L) for f in (Node.attn_out, Node.mlp_out) for p in range(P)]
-        return Labelled(v, ("component", "pos"), ([f"L{l}.{c}" for l in range(L) for c in ("ATTN", "MLP")], _pos_labels(P, str_tokens)),
+        rows = [f"L{l}.{c}" for l in range(L) for c in ("ATTN", "MLP")]
+        return Labelled(v, ("component", "pos"), (rows, pos_labels(P, str_tokens)),
                         title=f"{self.title} by layer and position", nodes=node_grid(nodes, (2 * L, P)))
 
-
-def _pos_labels(P: int, str_tokens: Optional[Sequence[str]] = None) -> list[str]:
-    if str_tokens is not None and len(str_tokens) == P:
-        return [f"{p}:{t}" for p, t in enumerate(str_tokens)]
-    return [str(p) for p in range(P)]

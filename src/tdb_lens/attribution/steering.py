@@ -28,10 +28,6 @@ MODES = ("clamp", "add", "scale")
 Positions = Optional[Union[int, Sequence[int]]]
 
 
-def _pos_axis(name: str) -> int:
-    return 2 if name.endswith(("hook_pattern", "hook_attn_scores")) else 1
-
-
 class _Tracker:
     """Absolute position of the first entry of each call at one hook."""
 
@@ -112,10 +108,10 @@ def steer_nodes(nodes: Sequence[NodeLike], mode: str = "clamp", value: Union[flo
         by[n.hook_name].append((n, v))
     for name, items in by.items():
         tracker = st._tracker()
-        axis = _pos_axis(name)
 
-        def hook(act, hook, items=items, tracker=tracker, axis=axis):
-            n_pos = act.shape[axis]
+        def hook(act, hook, items=items, tracker=tracker):
+            lay = hook.layout
+            n_pos = act.shape[lay.pos_axis]
             start = tracker.start(n_pos)
             want = _positions_mask(start, n_pos, positions, act.device)
             act = act.clone()
@@ -129,13 +125,13 @@ def steer_nodes(nodes: Sequence[NodeLike], mode: str = "clamp", value: Union[flo
                         continue
                     if not (start <= p < start + n_pos) or (want is not None and not bool(want[p - start])):
                         continue
-                    idx = node.at(p - start, node.key_pos).act_index()
+                    idx = node.at(p - start, node.key_pos).act_index(layout=lay)
                     act[idx] = _apply(act[idx], mode, v)
                 elif want is None:
-                    idx = node.act_index()
+                    idx = node.act_index(layout=lay)
                     act[idx] = _apply(act[idx], mode, v)
                 else:
-                    sel = act[node.act_index()]  # a view; its axis 1 is the (query) position
+                    sel = act[node.act_index(layout=lay)]  # a view; its axis 1 is the (query) position
                     sel[:, want] = _apply(sel[:, want], mode, v)
             return act
 

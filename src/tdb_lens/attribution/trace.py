@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+from jaxtyping import Float
 
-from .act_grad import ALL_KINDS, score_nodes
+from .act_grad import ALL_KINDS, node_names, score_nodes
+from .gradients import run_with_grads
+from .inputs import prepare
 from .nodes import Node, NodeLike, as_node
-from .runs import node_names, prepare, run_with_grads
 from .scores import NodeScores
 
 
@@ -38,7 +40,8 @@ class Trace:
         return (self.sides[side] if side else self.effect).top(k, kinds)
 
 
-def target_value(model, node: Node, act: torch.Tensor, direction: Optional[torch.Tensor] = None) -> torch.Tensor:
+def target_value(model: Any, node: Node, act: torch.Tensor,
+                 direction: Optional[Float[torch.Tensor, " d"]] = None) -> Float[torch.Tensor, " batch"]:
     """The scalar per prompt that tracing ``node`` differentiates."""
     x = node.select(act)
     if node.kind == "head" and node.site == "z":
@@ -53,11 +56,11 @@ def target_value(model, node: Node, act: torch.Tensor, direction: Optional[torch
 
 
 def trace_upstream(
-    model,
+    model: Any,
     input: Any,
     target: NodeLike,
     attention_mask: Optional[torch.Tensor] = None,
-    direction: Optional[torch.Tensor] = None,
+    direction: Optional[Float[torch.Tensor, " d"]] = None,
     kinds: Sequence[str] = ALL_KINDS,
     include_pairs: bool = False,
     split_sides: bool = True,
@@ -81,7 +84,7 @@ def trace_upstream(
         row = torch.arange(3 * b, device=tokens.device) // b  # 0 = q side, 1 = k side, 2 = v side
         for side, i in (("q", 0), ("k", 1), ("v", 2)):
             keep = (row == i)[:, None, None, None]
-            fwd_hooks.append((f"blocks.{t.layer}.attn.hook_{side}",
+            fwd_hooks.append((model.hook_name(side, t.layer),
                               (lambda k: lambda x, hook: torch.where(k, x, x.detach()))(keep)))
 
     def objective(logits, acts):
