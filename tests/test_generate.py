@@ -11,9 +11,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _gpt2_reference import make_hf_gpt2  # noqa: E402
-
-from tdb_lens import HookedGPT2  # noqa: E402
+from _gpt2_reference import make_hf_gpt2
+from tdb_lens import HookedGPT2
 
 PROMPT = torch.randint(0, 1000, (1, 6), generator=torch.Generator().manual_seed(9))
 N_NEW = 15

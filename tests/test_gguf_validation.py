@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from _gguf_files import DELETE, HD, write_tiny_llama
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType as VT
 
 import tdb_lens
+from _gguf_files import DELETE, HD, write_tiny_llama
 from tdb_lens.ioi.cli import main as ioi_main
 from tdb_lens.models.gguf import GGUFError, read_gguf
 from tdb_lens.models.hub import CheckpointError
@@ -48,16 +48,22 @@ IMPOSSIBLE = {
     "odd head size": ({"llama.attention.key_length": (33, U32), "llama.attention.value_length": (33, U32)},
                       r"key_length gives an odd head size 33"),
     "value length differs": ({"llama.attention.value_length": (16, U32)}, r"value_length is 16, key_length 32"),
-    "embedding size that disagrees with the tensors": ({"llama.embedding_length": (128, U32), "llama.attention.key_length": (32, U32)},
-                                                       r"tensor 'token_embd\.weight' has shape \[263, 64\], expected \[263, 128\]"),
+    "embedding size that disagrees with the tensors": (
+        {"llama.embedding_length": (128, U32), "llama.attention.key_length": (32, U32)},
+        r"tensor 'token_embd\.weight' has shape \[263, 64\], expected \[263, 128\]",
+    ),
     "missing key": ({"llama.context_length": DELETE}, r"metadata key llama\.context_length is missing"),
-    "per-layer sizes that differ": ({"llama.attention.head_count_kv": ([1, 2], ARR, U32)}, r"head_count_kv differs between layers"),
+    "per-layer sizes that differ": ({"llama.attention.head_count_kv": ([1, 2], ARR, U32)},
+                                    r"head_count_kv differs between layers"),
     "bos id outside the vocabulary": ({"tokenizer.ggml.bos_token_id": (10**6, U32)},
                                       r"tokenizer\.ggml\.bos_token_id is 1000000; expected a token id in \[0, 263\)"),
-    "merges that are not text": ({"tokenizer.ggml.merges": ([1, 2], ARR, I32)}, r"tokenizer\.ggml\.merges is .*expected a list of str"),
+    "merges that are not text": ({"tokenizer.ggml.merges": ([1, 2], ARR, I32)},
+                                 r"tokenizer\.ggml\.merges is .*expected a list of str"),
     "a merge without a pair": ({"tokenizer.ggml.merges": (["hell"], ARR, STR)}, r"merges holds 'hell'; expected two tokens"),
-    "token types of another length": ({"tokenizer.ggml.token_type": ([1, 1], ARR, I32)}, r"token_type has 2 entries for 263 tokens"),
-    "alignment not a power of two": ({"general.alignment": (48, U32)}, r"general\.alignment is 48; expected a power of two"),
+    "token types of another length": ({"tokenizer.ggml.token_type": ([1, 1], ARR, I32)},
+                                      r"token_type has 2 entries for 263 tokens"),
+    "alignment not a power of two": ({"general.alignment": (48, U32)},
+                                     r"general\.alignment is 48; expected a power of two"),
     "split file": ({"split.count": (2, VT.UINT16)}, r"split\.count is 2: split GGUF files are not supported"),
 }
 

@@ -16,9 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _gpt2_reference import GPT2_SMALL, make_hf_gpt2, max_diff  # noqa: E402
-
-from tdb_lens import CheckpointError, HookedGPT2  # noqa: E402
+from _gpt2_reference import GPT2_SMALL, make_hf_gpt2, max_diff
+from tdb_lens import CheckpointError, HookedGPT2
 
 TOKENS = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(8))
 

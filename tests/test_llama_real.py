@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 import tdb_lens
 from tdb_lens.models.llama import HookedLlama
@@ -46,7 +47,6 @@ def model() -> HookedLlama:
 
 @pytest.fixture(scope="module")
 def hf_model():
-    transformers = pytest.importorskip("transformers")
     from tdb_lens.models.gguf import find_smollm2_gguf
 
     path = find_smollm2_gguf()
@@ -74,7 +74,8 @@ def test_logits_and_hidden_states_match_transformers_gguf(model, hf_model):
         assert torch.equal(logits.argmax(-1), ref.logits.argmax(-1)), f"top-1 tokens differ on {text!r}"
         worst_logit = max(worst_logit, (logits - ref.logits).abs().max().item())
         n = model.cfg.n_layers
-        ours = [cache[f"blocks.{l}.hook_resid_pre"] for l in range(n)] + [model.ln_final(cache[f"blocks.{n - 1}.hook_resid_post"])]
+        final = model.ln_final(cache[f"blocks.{n - 1}.hook_resid_post"])
+        ours = [cache[f"blocks.{l}.hook_resid_pre"] for l in range(n)] + [final]
         for layer, (a, b) in enumerate(zip(ours, ref.hidden_states)):
             torch.testing.assert_close(a, b, atol=1e-3, rtol=0, msg=lambda m, l=layer, t=text: f"{t!r} layer {l}: {m}")
             worst_hidden = max(worst_hidden, (a - b).abs().max().item())

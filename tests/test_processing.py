@@ -11,10 +11,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _gpt2_reference import make_hf_gpt2, make_tl, max_diff  # noqa: E402
-
-from tdb_lens import HookedGPT2  # noqa: E402
-from tdb_lens.models.gpt2_processing import PROCESSING_FLAGS, process_weights_  # noqa: E402
+from _gpt2_reference import make_hf_gpt2, make_tl, max_diff
+from tdb_lens import HookedGPT2
+from tdb_lens.models.gpt2_processing import PROCESSING_FLAGS, process_weights_
 
 TOL = 1e-4
 OPTIONS = [
