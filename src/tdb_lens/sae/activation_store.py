@@ -8,6 +8,7 @@ memory stays at ``buffer_size x d_in`` and consecutive batches mix many sequence
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any, Optional
 
@@ -175,6 +176,7 @@ class CachedActivations:
         self.activations, self.batch_size, self.seed = activations, batch_size, seed
         self.batches_read = 0
         self._epoch, self._order = -1, None
+        self.metadata: dict[str, str] = {}
 
     @property
     def batches_per_epoch(self) -> int:
@@ -215,13 +217,22 @@ class CachedActivations:
         acts = torch.cat(parts)[:n]
         return cls(acts, batch_size, store.seed)
 
-    def save(self, path) -> None:
+    def save(self, path: str | os.PathLike, metadata: Optional[dict[str, str]] = None) -> None:
+        """Write the activations (and ``metadata``, strings, e.g. what they were computed from) as safetensors."""
         from safetensors.torch import save_file
 
-        save_file({"activations": self.activations.contiguous().cpu()}, str(path))
+        save_file({"activations": self.activations.contiguous().cpu()}, str(path), metadata=metadata)
 
     @classmethod
-    def load(cls, path, batch_size: int, seed: int = 0, device=None) -> CachedActivations:
-        from safetensors.torch import load_file
+    def load(cls, path: str | os.PathLike, batch_size: int, seed: int = 0,
+             device: str | torch.device | None = None) -> CachedActivations:
+        """Read activations `save` wrote; their metadata is in ``.metadata``. Non-finite values are refused."""
+        from safetensors import safe_open
 
-        return cls(load_file(str(path))["activations"].to(device or "cpu"), batch_size, seed)
+        with safe_open(str(path), framework="pt") as f:
+            acts, meta = f.get_tensor("activations"), dict(f.metadata() or {})
+        if not bool(torch.isfinite(acts).all()):
+            raise ValueError(f"{path}: the cached activations hold NaN or Inf values")
+        out = cls(acts.to(device or "cpu"), batch_size, seed)
+        out.metadata = meta
+        return out
