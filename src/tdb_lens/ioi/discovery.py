@@ -28,9 +28,10 @@ from typing import Optional
 import torch
 from jaxtyping import Float
 
-from ..attribution import LogitDiff, Node, compute_means, path_patch
+from ..attribution import GradRun, LogitDiff, Node, compute_means, path_patch, run_with_grads
 from ..attribution import direct_effects as _direct_effects
 from ..attribution.circuits import circuit_hooks
+from ..hooks import HookPoint
 from ..models.engine import HookedTransformer
 from .data import IOIBatch, IOIDataset, per_template_groups
 
@@ -53,26 +54,18 @@ def parse_head(s: str) -> Head:
         raise ValueError(f"a head is written 'layer.head', e.g. '9.6', got {s!r}") from None
 
 
-def z_name(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_z"
-
-
 def ioi_metric(batch: IOIBatch) -> LogitDiff:
     """The logit difference IO - S at each prompt's END as an attribution metric."""
     return LogitDiff(batch.io_token.cpu(), batch.s_token.cpu(), pos=batch.end.cpu())
 
 
-def _end_logit_diff(model: HookedTransformer, resid: torch.Tensor, batch: IOIBatch) -> torch.Tensor:
+def end_logit_diff(model: HookedTransformer, resid: Float[torch.Tensor, "batch pos d_model"],
+                   batch: IOIBatch) -> Float[torch.Tensor, " batch"]:
     """logit(IO) - logit(S) per prompt from the final residual stream, normalising and
-    unembedding only each prompt's END row."""
+    unembedding (the engine's ``logits_from_resid``) only each prompt's END row."""
     end = resid[torch.arange(len(batch.end)), batch.end][:, None]
-    logits = model.unembed(model.ln_final(end))[:, 0]  # type: ignore[operator]
+    logits = model.logits_from_resid(end)[:, 0]
     return logits.gather(1, batch.io_token[:, None])[:, 0] - logits.gather(1, batch.s_token[:, None])[:, 0]
-
-
-def _grad_from_embeddings(x, hook):
-    """Gradients flow from the embeddings even when the user froze every parameter."""
-    return x if x.requires_grad else x.detach().requires_grad_(True)
 
 
 @dataclass
@@ -104,7 +97,7 @@ class IOIContext:
                              "the ABC prompts must come from the same templates, in the same order")
         if ids.shape != (clean.tokens.shape[0],):
             raise ValueError(f"group_ids needs one group per prompt ({clean.tokens.shape[0]}), got shape {tuple(ids.shape)}")
-        names = [z_name(l) for l in range(model.cfg.n_layers)]
+        names = [model.hook_name("z", l) for l in range(model.cfg.n_layers)]
         means = compute_means(model, abc.tokens, names, attention_mask=abc.attention_mask, groups=ids)
         ctx = cls(model, clean, abc, ids, means, torch.empty(0))
         ctx.clean_ld = ctx.run_ld()
@@ -130,12 +123,12 @@ class IOIContext:
         b = self.clean if rows is None else self.clean[rows]
         with torch.no_grad(), m.hooks(fwd_hooks=list(fwd_hooks)):
             resid = m(b.tokens, attention_mask=b.attention_mask, stop_at_layer=self.n_layers)
-            return _end_logit_diff(m, resid, b)
+            return end_logit_diff(m, resid, b)
 
     def mean_z(self, layer: int, groups: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """The per-template ABC mean of ``blocks.{layer}.attn.hook_z`` for each prompt of a run
         whose rows belong to ``groups``: shaped, placed and typed like ``like`` ``[b, p, h, d]``."""
-        means = self.means[z_name(layer)]
+        means = self.means[self.model.hook_name("z", layer)]
         return means[groups.to(means.device)].narrow(1, 0, like.shape[1]).to(like)
 
     def ablation_hooks(self, keep: set[Head], rows: Optional[torch.Tensor] = None) -> list:
@@ -170,31 +163,26 @@ class IOIContext:
         keep_mask = torch.zeros(self.n_layers, self.n_heads, dtype=torch.bool)
         for l, h in keep:
             keep_mask[l, h] = True
-        delta: dict[int, torch.Tensor] = {}  # layer -> z as computed minus its mean
-        used: dict[int, torch.Tensor] = {}
+        delta: dict[str, torch.Tensor] = {}  # z hook -> z as computed minus its mean
 
-        def hook(z, hook):
-            l = int(hook.name.split(".")[1])
+        def hook(z: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+            l = hook.layer()
+            if l is None:
+                raise ValueError(f"hook {hook.name!r} is not in a block")
             mean = self.mean_z(l, groups, z)
-            delta[l] = z.detach() - mean
+            delta[hook.name] = z.detach() - mean
             k = keep_mask[l].to(z.device)[None, None, :, None]
             # what the rest of the model sees; its gradient (also at the ablated slots) is dLD/dz
-            used[l] = torch.where(k, z, mean)
-            return used[l]
+            return torch.where(k, z, mean)
 
         sub = b[rows]
-        hooks = [("hook_embed", _grad_from_embeddings)] + [(z_name(l), hook) for l in range(self.n_layers)]
-        with torch.enable_grad(), m.hooks(fwd_hooks=hooks):
-            resid = m(sub.tokens, attention_mask=sub.attention_mask, stop_at_layer=self.n_layers)
-            ld = _end_logit_diff(m, resid, sub)
-            layers = sorted(used)
-            grads = torch.autograd.grad(ld.mean(), [used[l] for l in layers])
-        est = torch.zeros(self.n_layers, self.n_heads)
-        mask = sub.attention_mask[:, :, None].to(grads[0].dtype)
-        for l, g in zip(layers, grads):
-            # the gradient is of the batch mean, so this sum is the mean effect per prompt
-            est[l] = ((delta[l] * g).sum(-1) * mask).sum((0, 1)).cpu()
-        return float(ld.detach().mean()), est
+        names = [m.hook_name("z", l) for l in range(self.n_layers)]
+        # the gradient is of the batch mean, so the sums below are mean effects per prompt
+        grun = run_with_grads(m, sub.tokens, lambda resid, acts: end_logit_diff(m, resid, sub).mean(), names,
+                              sub.attention_mask, fwd_hooks=[(n, hook) for n in names], stop_at_layer=self.n_layers)
+        mask = sub.attention_mask[:, :, None].to(grun.grads[names[0]].dtype)
+        est = torch.stack([((grun.grads[n] * delta[n]).sum(-1) * mask).sum((0, 1)).cpu() for n in names])
+        return float(grun.values), est
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,31 +203,28 @@ def attribution_by_position(ctx: IOIContext) -> dict[str, HeadScores]:
     ``knockout``: the per-template ABC means as the reference, summed over positions (estimates how
     much the logit difference drops when the head is mean-ablated)."""
     m, b = ctx.model, ctx.clean
-    acts: dict[int, torch.Tensor] = {}
-
-    def keep(z, hook):
-        acts[int(hook.name.split(".")[1])] = z
-        return None
-
-    hooks = [("hook_embed", _grad_from_embeddings)] + [(z_name(l), keep) for l in range(ctx.n_layers)]
-    with torch.enable_grad(), m.hooks(fwd_hooks=hooks):
-        logits = m(b.tokens, attention_mask=b.attention_mask)
-        layers = sorted(acts)
-        grads = torch.autograd.grad(ioi_metric(b)(logits).mean(), [acts[l] for l in layers])
-    with torch.no_grad():
-        _, abc_cache = m.run_with_cache(ctx.abc.tokens, attention_mask=ctx.abc.attention_mask,
-                                        names_filter=[z_name(l) for l in layers])
-    idx = torch.arange(b.tokens.shape[0])
-    mask = b.attention_mask[:, :, None].to(grads[0].dtype)
-    out = {k: torch.zeros(ctx.n_layers, ctx.n_heads) for k in ("end", "s2", "s1_plus_1", "knockout")}
+    names = [m.hook_name("z", l) for l in range(ctx.n_layers)]
+    metric = ioi_metric(b)
     # the gradient is of the batch mean, so sums over prompts below are means per prompt
-    for l, g in zip(layers, grads):
-        z = acts[l].detach()
-        contrib = ((z - abc_cache[z_name(l)]) * g).sum(-1)  # [b, p, h]
+    grun = run_with_grads(m, b.tokens, lambda logits, acts: metric(logits).mean(), names, b.attention_mask)
+    with torch.no_grad():
+        _, abc_cache = m.run_with_cache(ctx.abc.tokens, attention_mask=ctx.abc.attention_mask, names_filter=names)
+    return _position_scores(ctx, grun, names, abc_cache)
+
+
+def _position_scores(ctx: IOIContext, grun: GradRun, names: list[str], abc_cache: dict) -> dict[str, HeadScores]:
+    """grad . (z - reference) per head: at END, S2 and S1+1 against the ABC run, summed over
+    positions against the per-template means."""
+    b = ctx.clean
+    idx = torch.arange(b.tokens.shape[0])
+    mask = b.attention_mask[:, :, None].to(grun.grads[names[0]].dtype)
+    out = {k: torch.zeros(ctx.n_layers, ctx.n_heads) for k in ("end", "s2", "s1_plus_1", "knockout")}
+    for l, name in enumerate(names):
+        contrib = -grun.change(name, abc_cache[name]).sum(-1)  # (z - z_abc) . grad  [b, p, h]
         for key, pos in (("end", b.end), ("s2", b.s2_pos), ("s1_plus_1", b.s1_plus_1)):
             out[key][l] = contrib[idx, pos].sum(0).cpu()
-        ko = ((z - ctx.mean_z(l, ctx.group_ids, z)) * g).sum(-1) * mask
-        out["knockout"][l] = ko.sum((0, 1)).cpu()
+        mean = ctx.mean_z(l, ctx.group_ids, grun.acts[name])
+        out["knockout"][l] = (-grun.change(name, mean).sum(-1) * mask).sum((0, 1)).cpu()
     return out
 
 
@@ -275,7 +260,7 @@ def head_detector_scores(model: HookedTransformer, n_seqs: int = 8, seq_len: int
     rand = torch.randint(lo, model.cfg.d_vocab - 1, (n_seqs, seq_len), generator=g)
     tokens = torch.cat([rand, rand], dim=1).to(model.device)
     L = seq_len
-    names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
+    names = [model.hook_name("pattern", l) for l in range(model.cfg.n_layers)]
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=names)
     out = {k: torch.zeros(model.cfg.n_layers, model.cfg.n_heads) for k in ("induction", "duplicate", "previous")}
