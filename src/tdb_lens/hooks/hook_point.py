@@ -21,6 +21,13 @@ HookFn = Callable[..., Optional[torch.Tensor]]
 Direction = Literal["fwd", "bwd"]
 
 _check_layouts = False
+_n_active = 0  # hooks registered on any hook point of any model (see hooks_active)
+
+
+def hooks_active() -> bool:
+    """True while any hook is registered on any hook point (O(1)); code paths that guard against
+    what only a hook can do (e.g. a NaN in an attention input) check it first."""
+    return _n_active > 0
 
 
 def set_layout_checks(on: bool) -> bool:
@@ -45,9 +52,11 @@ class LensHandle:
     active: bool = field(default=True)
 
     def remove(self) -> None:
+        global _n_active
         if not self.active:
             return
         self.active = False
+        _n_active -= 1
         lst = self.hook_point._fwd if self.direction == "fwd" else self.hook_point._bwd
         try:
             lst.remove(self)
@@ -92,7 +101,9 @@ class HookPoint(nn.Module):
             raise ValueError(f"hook direction must be 'fwd' or 'bwd', got {dir!r}")
         if not callable(fn):
             raise TypeError(f"hook for {self.name!r} must be callable fn(activation, hook), got {type(fn).__name__}")
+        global _n_active
         handle = LensHandle(fn, self, dir, is_permanent)
+        _n_active += 1
         lst = self._fwd if dir == "fwd" else self._bwd
         if prepend:
             lst.insert(0, handle)

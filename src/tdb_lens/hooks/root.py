@@ -94,7 +94,8 @@ class HookedRootModule(nn.Module):
         if layer is not None and layer < 0 and n_layers is not None:
             layer += n_layers
         for (comp, s, lay, h), name in self._layout_index.items():
-            if s == site and lay == layer and h == host and (component is None or comp == component):
+            same_layer = lay == layer or (host is not None and layer is None)  # a host fixes the layer
+            if s == site and same_layer and h == host and (component is None or comp == component):
                 return name
         sites = sorted({k[1] for k in self._layout_index})
         where = "" if layer is None else f" in layer {layer}"

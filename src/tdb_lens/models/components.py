@@ -19,6 +19,7 @@ from jaxtyping import Float
 from torch import nn
 
 from ..hooks import HookPoint
+from ..hooks.hook_point import hooks_active
 from ..hooks.layout import layout
 
 
@@ -200,6 +201,19 @@ class ForwardContext:
 # --------------------------------------------------------------------------------------------
 # Attention
 # --------------------------------------------------------------------------------------------
+def _finite(ctx: ForwardContext, *xs: torch.Tensor) -> bool:
+    """False when a hook may have put a non-finite value into ``xs`` and did.
+
+    PyTorch's fused kernel returns 0 for a query row of NaN and lets a NaN value reach queries
+    masked from it; the step-by-step path gives IEEE results restricted to what each query may
+    attend to, so non-finite inputs go there. Without any hook attached the check is skipped:
+    loaders reject non-finite weights, so only a hook can put a NaN into an attention input.
+    """
+    if not hooks_active():
+        return True
+    return all(bool(torch.isfinite(x).all()) for x in xs)
+
+
 class Attention(nn.Module):
     """Hooks, masking, GQA and per-head views shared by all architectures.
 
@@ -272,6 +286,42 @@ class Attention(nn.Module):
 
         return FactoredMatrix(self.W_Q, self.W_K_per_query_head.transpose(-1, -2))
 
+    # -- the step-by-step path (hooked scores/pattern, or non-finite inputs) ---------------------
+    def _explicit(self, qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Attention computed step by step, ``[b, head, p, d_head]`` from ``[b, head|kv_head, p|k, d_head]``.
+
+        NaN semantics (the same as the fused path's): a key a query may not attend to contributes
+        nothing, even when its value is not finite; everything a query does attend to propagates.
+        """
+        b, _, p, _ = qh.shape
+        k_len = kh.shape[-2]
+        kv, rep = self.n_kv_heads, self.n_heads // self.n_kv_heads
+        # query heads sharing a key/value head are consecutive (head i reads kv head i // rep): fold
+        # them into the query axis, [b, h, p, d] -> [b, kv, rep * p, d], instead of copying keys and values
+        scores = (qh.reshape(b, kv, rep * p, self.d_head) @ kh.transpose(-1, -2)).view(b, self.n_heads, p, k_len)
+        # the scores are a fresh tensor here (before their hook): scale and mask it in place
+        scores.mul_(self.scale)
+        allowed = ctx.allowed(p, k_len, qh.device, explicit=True)
+        assert allowed is not None  # explicit=True always builds the mask
+        scores.masked_fill_(~allowed, float("-inf"))
+        scores_hooked = self.hook_attn_scores.has_hooks
+        scores = self.hook_attn_scores(scores)
+        pattern = torch.softmax(scores, dim=-1)
+        if scores_hooked:
+            # every row has an allowed key (`ForwardContext.allowed`), so only a hook on the scores can
+            # leave a row all -inf (softmax: NaN): such a row attends to nothing (zeros)
+            pattern = pattern.masked_fill(scores.isneginf().all(-1, keepdim=True), 0.0)
+        pattern = self.hook_pattern(pattern)
+        finite_v = torch.isfinite(vh)
+        if bool(finite_v.all()):
+            z = pattern.reshape(b, kv, rep * p, k_len) @ vh
+        else:  # 0 x NaN is NaN: a value may only reach the queries whose weight on it is not 0
+            flat = pattern.reshape(b, kv, rep * p, k_len)
+            z = flat @ vh.masked_fill(~finite_v, 0.0)
+            reaches = (flat != 0).to(vh.dtype) @ (~finite_v).to(vh.dtype) > 0
+            z = z.masked_fill(reaches, float("nan"))
+        return z.view(b, self.n_heads, p, self.d_head)
+
     # -- the shared computation ------------------------------------------------------------------
     def forward(self, x, ctx: ForwardContext) -> Float[torch.Tensor, "batch pos d_model"]:
         q, k, v = self.project_split(*x) if isinstance(x, tuple) else self.project(x)
@@ -282,43 +332,14 @@ class Attention(nn.Module):
         if ctx.kv_cache is not None:
             kh, vh = ctx.kv_cache.update(self.layer, kh, vh)
         k_len = kh.shape[-2]
-        gqa = self.n_heads != self.n_kv_heads
-        if not (self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks):
+        if self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks or not _finite(ctx, qh, kh, vh):
+            z = self._explicit(qh, kh, vh, ctx)
+        else:
             mask = ctx.allowed(p, k_len, q.device, explicit=False)
             z = F.scaled_dot_product_attention(
                 qh, kh, vh, attn_mask=mask, is_causal=mask is None and p == k_len and p > 1,
-                scale=self.scale, enable_gqa=gqa,
+                scale=self.scale, enable_gqa=self.n_heads != self.n_kv_heads,
             )
-        else:
-            if gqa:
-                # query heads sharing a key/value head are consecutive (head i reads kv head i // rep):
-                # fold them into the query axis, [b, h, p, d] -> [b, kv, rep * p, d], instead of copying
-                # the keys and values once per query head
-                kv, rep = self.n_kv_heads, self.n_heads // self.n_kv_heads
-                scores = (qh.reshape(b, kv, rep * p, self.d_head) @ kh.transpose(-1, -2)).view(b, self.n_heads, p, k_len)
-            else:
-                scores = qh @ kh.transpose(-1, -2)
-            # the scores are a fresh tensor here (before their hook): scale and mask it in place
-            scores.mul_(self.scale)
-            allowed = ctx.allowed(p, k_len, q.device, explicit=True)
-            assert allowed is not None  # explicit=True always builds the mask
-            scores.masked_fill_(~allowed, float("-inf"))
-            scores_hooked = self.hook_attn_scores.has_hooks
-            scores = self.hook_attn_scores(scores)
-            pattern = torch.softmax(scores, dim=-1)
-            # every row has an allowed key (`ForwardContext.allowed`), so only a hook on the scores can
-            # leave a row all -inf (softmax: NaN): such a row attends to nothing (zeros). softmax's
-            # output is fresh, so that is done in place unless autograd keeps it for backward
-            if scores_hooked:
-                if torch.is_grad_enabled() and pattern.requires_grad:
-                    pattern = pattern.nan_to_num(nan=0.0)
-                else:
-                    pattern.nan_to_num_(nan=0.0)
-            pattern = self.hook_pattern(pattern)
-            if gqa:
-                z = (pattern.reshape(b, kv, rep * p, k_len) @ vh).view(b, self.n_heads, p, self.d_head)
-            else:
-                z = pattern @ vh
         z = self.hook_z(z.transpose(1, 2))  # [b, p, h, d_head]
         if self.use_attn_result:
             result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
