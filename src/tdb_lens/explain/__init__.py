@@ -5,7 +5,9 @@ store them in SQLite and search them semantically.
 Modules: `corpus` (token windows), `units` (what a unit is at a hook), `harvest` (streaming,
 resumable, mergeable top-k / quantile / random examples), `prompts` (prompt formats),
 `backends` (local chat model, OpenAI-compatible endpoints), `explainer`, `simulator`, `scoring`,
-`causal` (ablation-based score), `store` (SQLite), `search` (embeddings, clustering), `cli`.
+`causal` (ablation-based score), `store` (SQLite), `search` (embeddings, clustering),
+`provenance` (model identity), `endpoint` (the OpenAI-compatible client), `pipeline`
+(`run_explain`, what ``tdb-lens explain`` runs), `cli`.
 """
 
 from .backends import BackendError, LocalChatBackend, OpenAIChatBackend, backend_from_spec
@@ -13,16 +15,19 @@ from .causal import CausalScore, CausalScorer
 from .corpus import Corpus, CorpusUnavailableError, build_corpus, default_corpus_path, iter_texts
 from .explainer import Explanation, LLMExplainer, TopTokensExplainer
 from .harvest import HarvestResult, UnitRecord, harvest, load_harvest
+from .pipeline import ExplainConfig, ExplainReport, run_explain
+from .provenance import ModelIdentity, model_identity
 from .scoring import correlation_score, detection_score, fuzzing_score, pearson, score_all
 from .search import MiniLMEmbedder, cluster, prompt_clusters, prompt_units, search
 from .simulator import AllAtOnceSimulator, JSONSimulator, LikelihoodSimulator, simulator_for
-from .store import ExplanationStore, format_table
+from .store import ExplanationStore, StoreBusyError, format_table
 
 __all__ = [
     "AllAtOnceSimulator", "BackendError", "CausalScore", "CausalScorer", "Corpus", "CorpusUnavailableError",
-    "Explanation", "ExplanationStore", "HarvestResult", "JSONSimulator", "LLMExplainer", "LikelihoodSimulator",
-    "LocalChatBackend", "MiniLMEmbedder", "OpenAIChatBackend", "TopTokensExplainer", "UnitRecord",
-    "backend_from_spec", "build_corpus", "cluster", "correlation_score", "default_corpus_path", "detection_score",
-    "format_table", "fuzzing_score", "harvest", "iter_texts", "load_harvest", "pearson", "prompt_clusters",
-    "prompt_units", "score_all", "search", "simulator_for",
+    "ExplainConfig", "ExplainReport", "Explanation", "ExplanationStore", "HarvestResult", "JSONSimulator",
+    "LLMExplainer", "LikelihoodSimulator", "LocalChatBackend", "MiniLMEmbedder", "ModelIdentity",
+    "OpenAIChatBackend", "StoreBusyError", "TopTokensExplainer", "UnitRecord", "backend_from_spec", "build_corpus",
+    "cluster", "correlation_score", "default_corpus_path", "detection_score", "format_table", "fuzzing_score",
+    "harvest", "iter_texts", "load_harvest", "model_identity", "pearson", "prompt_clusters", "prompt_units",
+    "run_explain", "score_all", "search", "simulator_for",
 ]

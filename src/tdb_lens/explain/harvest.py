@@ -46,7 +46,7 @@ from jaxtyping import Float, Int
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .corpus import Corpus
+from ..corpus import Corpus
 from .harvest_state import (
     _INF_KEY,
     _M32,

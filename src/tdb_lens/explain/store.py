@@ -294,6 +294,13 @@ class ExplanationStore:
                 self.add_scores(eid, scores, scorer)
         return eid
 
+    def explanation_id(self, unit_id: int, explainer: str, settings: str = "") -> int:
+        row = self.conn.execute("SELECT id FROM explanations WHERE unit_id = ? AND explainer = ? AND settings = ?",
+                                (unit_id, explainer, settings)).fetchone()
+        if row is None:
+            raise KeyError(f"no explanation of unit {unit_id} by {explainer!r} with settings {settings!r}")
+        return int(row[0])
+
     def has_explanation(self, unit_id: int, explainer: str, settings: str = "",
                         methods: Sequence[str] = ()) -> bool:
         """Whether the unit has an explanation from this explainer and settings with every score in ``methods``."""
