@@ -1,9 +1,18 @@
-"""``tdb-lens``: the command line. Each subcommand lives with the code it runs."""
+"""``tdb-lens``: the command line. Each subcommand lives with the code it runs.
+
+A subcommand module has ``main(argv) -> int``; it checks every argument before doing work and
+reports a user's mistake as one line on stderr with a non-zero exit (argparse's ``error()``, or a
+`UsageError` that this dispatcher prints), never a traceback.
+"""
 
 from __future__ import annotations
 
 import importlib
 import sys
+
+
+class UsageError(Exception):
+    """A user's mistake in a command line: printed as ``tdb-lens <command>: error: <message>``, exit 2."""
 
 SUBCOMMANDS = {
     "ioi": ("tdb_lens.ioi.cli", "reproduce the IOI circuit on a model (default: offline SmolLM2-135M)"),
@@ -15,16 +24,25 @@ SUBCOMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: tdb-lens <command> [options]", "", "commands:"]
+    lines = ["usage: tdb-lens [--version] <command> [options]", "", "commands:"]
     lines += [f"  {name:<9} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     lines += ["", "tdb-lens <command> --help shows a command's options."]
     return "\n".join(lines)
+
+
+def version() -> str:
+    from . import __version__
+
+    return f"tdb-lens {__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(version())
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in SUBCOMMANDS:
@@ -35,7 +53,14 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_freed_memory_from_env()
     module = importlib.import_module(SUBCOMMANDS[cmd][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except UsageError as e:
+        print(f"tdb-lens {cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tdb-lens {cmd}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover
