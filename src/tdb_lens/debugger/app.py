@@ -68,6 +68,26 @@ class GenerateIn(StateIn):
     max_new_tokens: int = Field(20, ge=1, le=100)
 
 
+class ThreadLocalStore:
+    """An explanation store opened once per server thread (SQLite connections stay in their thread);
+    every attribute is the thread's own `ExplanationStore`'s."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._local = threading.local()
+
+    def _store(self):
+        s = getattr(self._local, "store", None)
+        if s is None:
+            from ..explain.store import ExplanationStore
+
+            s = self._local.store = ExplanationStore(self.path)
+        return s
+
+    def __getattr__(self, name: str):
+        return getattr(self._store(), name)
+
+
 def needs_token(host: str) -> bool:
     """True when binding ``host`` exposes the app beyond this machine."""
     return host not in LOOPBACK
@@ -79,6 +99,10 @@ def create_app(inv: Investigation, token: Optional[str] = None):
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+    if inv.store is not None and not isinstance(inv.store, ThreadLocalStore):
+        if getattr(inv.store, "path", ":memory:") == ":memory:":
+            raise DebuggerError("the web app needs an explanation store on disk (SQLite connections are per thread)")
+        inv.store = ThreadLocalStore(inv.store.path)
     app = FastAPI(title="tdb_lens debugger", docs_url=None, redoc_url=None, openapi_url=None)
     lock = threading.Lock()
     static = resources.files("tdb_lens.debugger") / "static"

@@ -26,12 +26,7 @@ from typing import Optional
 import torch
 from jaxtyping import Float, Int
 
-from ..attribution import Node
-
-try:  # the shared gradient runner (re-exported by the attribution package)
-    from ..attribution import run_with_grads  # type: ignore[attr-defined,unused-ignore]
-except ImportError:  # pragma: no cover - older layout of the attribution package
-    from ..attribution.runs import run_with_grads
+from ..attribution import Node, run_with_grads
 from ..sae.attach import attached_saes
 
 COLUMNS = ("activation", "write_magnitude", "direct_effect", "total_effect")
@@ -93,6 +88,14 @@ def read_point(model, node: Optional[Node]) -> Optional[str]:
     return None
 
 
+def sae_hook(model, host: str, site: str = "sae_acts_post") -> str:
+    """The SAE hook point ``site`` of the SAE spliced at ``host``."""
+    found = model.find_hooks(site=site, host=host)
+    if not found:
+        raise DebuggerError(f"no SAE hook {site!r} spliced at {host!r}")
+    return found[0]
+
+
 def record_names(model, kinds: Sequence[str]) -> tuple[list[str], list[str]]:
     """``(names to record, names to differentiate)`` for the requested node kinds."""
     keep, grad = [], []
@@ -111,7 +114,7 @@ def record_names(model, kinds: Sequence[str]) -> tuple[list[str], list[str]]:
             grad.append(post)
     if "sae" in kinds:
         for site in attached_saes(model):
-            n = model.hook_name("sae_acts_post", host=site)
+            n = sae_hook(model, site)
             keep.append(n)
             grad.append(n)
     return keep, grad
@@ -164,7 +167,7 @@ def _neuron_family(model, acts, grads, g: Optional[torch.Tensor], upstream: Call
 def _sae_families(model, acts, grads, g: Optional[torch.Tensor], upstream: Callable[[float], bool]) -> list[Family]:
     out = []
     for site, sae in attached_saes(model).items():
-        name = model.hook_name("sae_acts_post", host=site)
+        name = sae_hook(model, site)
         a = acts[name].float()  # [b, P, F]
         W_dec = sae.W_dec.detach().float()
         where = _resid_order(model, site) + 0.5  # the latents replace the host's content after it is read
@@ -216,7 +219,10 @@ def compute_columns(
 
     def obj(logits, acts):
         logits_box.append(logits.detach())
-        return objective(logits, acts)
+        value = objective(logits, acts)
+        if not value.requires_grad:
+            raise DebuggerError("the objective does not depend on any recorded activation (nothing to trace)")
+        return value
 
     values, acts, grads = run_with_grads(model, tokens, obj, names, None, fwd_hooks=fwd_hooks,
                                          grad_names=grad_names, freeze_final_scale=freeze_final_scale)

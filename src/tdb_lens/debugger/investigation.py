@@ -70,7 +70,9 @@ def _gate_rows(fn, rows: torch.Tensor):
 
 
 def _detach(x, hook):
-    return x.detach()
+    """Block the gradient through this activation but keep it in the graph (what is computed from it
+    still requires grad; its gradient there is exactly zero)."""
+    return x.detach() + 0 * x
 
 
 def target_value(model, node: Node, act: torch.Tensor) -> torch.Tensor:
@@ -245,7 +247,15 @@ class Investigation:
 
     # -- tracing -------------------------------------------------------------------------------
     def trace(self, node: NodeLike, through: Optional[str] = "q") -> NodeTable:
-        """Make ``node`` the objective (heads: through their query, key or value) and return the table."""
+        """Make ``node`` the objective (heads: through their query, key or value) and return the table.
+
+        Targets: a neuron's or latent's value, an attention pair's weight (``L3.H1@5>2``), or the norm
+        of a head's write at a query position (``L3.H1@5``). A pair traced through ``v`` traces its
+        head's write at the query position (the weight itself does not depend on the value)."""
+        self.tracing = self._trace_spec(node, through)
+        return self.node_table()
+
+    def _trace_spec(self, node: NodeLike, through: Optional[str]) -> TraceSpec:
         n = self.check_node(node)
         if n.pos is None:
             raise DebuggerError(f"trace needs a node at a position, e.g. '{n}@-1'")
@@ -256,8 +266,9 @@ class Investigation:
             raise DebuggerError(f"through must be one of {SIDES} (or None for all), got {through!r}")
         if n.kind not in ("head", "neuron", "sae_latent"):
             raise DebuggerError(f"trace targets are heads, neurons and SAE latents, not {n.kind} nodes")
-        self.tracing = TraceSpec(n, through if is_head else None)
-        return self.node_table()
+        if n.is_pair and through == "v":  # a pair's weight does not depend on the value: trace the head's output
+            n = Node.head(n.layer, n.index, n.pos)  # type: ignore[arg-type]
+        return TraceSpec(n, through if is_head else None)
 
     def untrace(self) -> Investigation:
         self.tracing = None
@@ -335,8 +346,7 @@ class Investigation:
                 raise DebuggerError(f"unknown intervention method {method!r}; expected {METHODS + STEER_MODES}")
         tr = state.get("trace")
         if tr:
-            n = self.check_node(tr["node"])
-            self.tracing = TraceSpec(n, tr.get("through") if n.kind == "head" else None)
+            self.tracing = self._trace_spec(tr["node"], tr.get("through"))
         return self
 
     # -- units ---------------------------------------------------------------------------------
