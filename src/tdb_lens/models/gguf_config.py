@@ -224,7 +224,8 @@ def settings_from_metadata(meta: dict, path: Path, tensor_names: set[str]) -> GG
     if (rot := k.count("rope.dimension_count", d_head)) != d_head:
         raise k.fail(f"{arch}.rope.dimension_count", f"is {rot} of the head size {d_head}: partial rotary embeddings "
                                                      "are not implemented here")  # fmt: skip
-    n_tokens = len(meta.get("tokenizer.ggml.tokens") or ())
+    tokens = meta.get("tokenizer.ggml.tokens")
+    n_tokens = len(tokens) if isinstance(tokens, list) else 0  # its type is checked with the tokenizer
     d_vocab = k.count("vocab_size", n_tokens if n_tokens else KeyError)
     n_ctx = k.count("context_length")
     theta = k.positive("rope.freq_base", 10000.0)
