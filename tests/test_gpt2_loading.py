@@ -89,6 +89,42 @@ def test_wrong_shape(checkpoint):
         HookedGPT2.from_pretrained(checkpoint)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(checkpoint, bad):
+    def poison(state):
+        state["transformer.h.2.mlp.c_proj.weight"][7, 3] = bad
+
+    _rewrite(checkpoint, poison)
+    with pytest.raises(CheckpointError, match=r"tensor 'transformer\.h\.2\.mlp\.c_proj\.weight' holds 1 NaN or infinite "
+                                              r"values \(of 16384\); refusing to load it"):  # fmt: skip
+        HookedGPT2.from_pretrained(checkpoint)
+
+
+def test_values_that_overflow_the_requested_dtype_are_refused(checkpoint):
+    _rewrite(checkpoint, lambda s: s["transformer.wte.weight"].__setitem__((0, 0), 1e6))
+    assert HookedGPT2.from_pretrained(checkpoint).W_E[0, 0] == 1e6
+    with pytest.raises(CheckpointError, match=r"'transformer\.wte\.weight' holds 1 NaN or infinite values after "
+                                              r"conversion to torch\.float16"):  # fmt: skip
+        HookedGPT2.from_pretrained(checkpoint, dtype=torch.float16)
+
+
+def test_config_json_errors_name_the_entry(checkpoint):
+    cfg = checkpoint / "config.json"
+    config = json.loads(cfg.read_text())
+    del config["n_head"]
+    cfg.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json has no 'n_head'"):
+        HookedGPT2.from_pretrained(checkpoint)
+    config["n_head"] = 0
+    cfg.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"GPT2Config\.n_heads is 0; expected a positive integer"):
+        HookedGPT2.from_pretrained(checkpoint)
+    config["n_head"], config["layer_norm_epsilon"] = 4, float("nan")
+    cfg.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"GPT2Config\.eps is nan; expected a finite number > 0"):
+        HookedGPT2.from_pretrained(checkpoint)
+
+
 def test_truncated_safetensors(checkpoint):
     f = checkpoint / "model.safetensors"
     data = f.read_bytes()
