@@ -44,9 +44,9 @@ def paired(fns: dict, reps: int, warmup: int = 1) -> dict:
 
 # ------------------------------------------------------------------------------------ models
 def build_models(cfg_kw: dict, seed: int = 0):
+    from sae_lens import HookedSAETransformer
     from transformer_lens import HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
-    from sae_lens import HookedSAETransformer
 
     from tdb_lens.models.gpt2 import GPT2Config, HookedGPT2
 

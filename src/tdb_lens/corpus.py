@@ -66,7 +66,8 @@ def default_corpus_path() -> Path:
 
 # ---- reading text -----------------------------------------------------------------------------
 def _split_fortunes(text: str) -> list[str]:
-    out, cur = [], []
+    out: list[str] = []
+    cur: list[str] = []
     for line in text.splitlines():
         if line.strip() == "%":
             if cur:
@@ -126,7 +127,7 @@ def _iter_hf(spec: str, text_field: str) -> Iterator[str]:
             body, split = head, tail
     name, _, config = body.partition(":")
     try:
-        import datasets  # type: ignore[import-not-found]
+        import datasets
     except ImportError:  # pragma: no cover - depends on the environment
         raise CorpusUnavailableError(f"{spec}: reading Hugging Face datasets needs `pip install datasets`") from None
     try:
@@ -246,12 +247,13 @@ def build_corpus(
         raise ValueError("prepend_bos=True but the tokenizer has no BOS token")
     if source is None:
         source = default_corpus_path()
-    if isinstance(source, (list, tuple)):
-        texts: Iterable[str] = source
-        label = f"<{len(source)} strings>"
-    else:
+    texts: Iterable[str]
+    if isinstance(source, (str, os.PathLike)):
         texts = iter_texts(source, text_field)
         label = str(source)
+    else:
+        texts = list(source)
+        label = f"<{len(texts)} strings>"
     sep = tok.eos_token_id
     body = ctx_len - 1 if prepend_bos else ctx_len
     stream: list[int] = []

@@ -175,7 +175,8 @@ class CachedActivations:
             raise ValueError(f"need [n >= batch_size={batch_size}, d_in] activations, got {tuple(activations.shape)}")
         self.activations, self.batch_size, self.seed = activations, batch_size, seed
         self.batches_read = 0
-        self._epoch, self._order = -1, None
+        self._epoch: int = -1
+        self._order: Optional[torch.Tensor] = None
         self.metadata: dict[str, str] = {}
 
     @property

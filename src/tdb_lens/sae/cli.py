@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--d-sae", type=int, default=None, help="number of latents (default 8 x d_in)")
     t.add_argument("--tokens", type=int, required=True, help="training activations (tokens) in total")
     t.add_argument("--batch-size", type=int, default=4096)
-    t.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 2e-4 / sqrt(d_sae / 16384), OpenAI's scaling)")
+    t.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default 2e-4 / sqrt(d_sae / 16384), OpenAI's scaling)")
     t.add_argument("--l1", type=float, default=5.0, help="L1 coefficient (standard)")
     t.add_argument("--resample-every", type=int, default=None, help="steps between dead-latent resampling (standard)")
     t.add_argument("--dead-after", type=int, default=None, help="activations without firing before a latent counts as dead "

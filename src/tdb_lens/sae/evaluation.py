@@ -16,6 +16,7 @@ ablated, not counted in l0/fvu), matching what the SAE was trained on.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -69,9 +70,33 @@ def reconstruction_metrics(sae: SAE, activations: Float[torch.Tensor, "n d_in"],
     return sums.result()
 
 
+def _run_with_sae(model: Any, sae: SAE, hook_name: str, rows: Int[torch.Tensor, "batch pos"],
+                  skip_positions: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits with ``sae`` spliced in at ``hook_name`` (no error term; the first ``skip_positions``
+    positions keep the model's own activation) and the SAE's input, reconstruction and latents."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(site: str) -> Callable[..., None]:
+        def fn(x: torch.Tensor, hook: Any) -> None:
+            seen[site] = x
+        return fn
+
+    def keep_leading(out: torch.Tensor, hook: Any) -> torch.Tensor:
+        out = out.clone()
+        out[:, :skip_positions] = seen["sae_input"][:, :skip_positions].to(out.dtype)
+        return out
+
+    with saes(model, {hook_name: sae}, use_error_term=False):
+        hooks: list[tuple[str, Callable[..., Any]]] = [(model.hook_name(site, host=hook_name), keep(site))
+                 for site in ("sae_input", "sae_acts_post", "sae_recons")]
+        hooks.append((model.hook_name("sae_output", host=hook_name), keep_leading))
+        logits = model.run_with_hooks(rows, fwd_hooks=hooks)
+    return logits, seen
+
+
 @torch.no_grad()
 def evaluate_sae(
-    model,
+    model: Any,
     sae: SAE,
     tokens: Int[torch.Tensor, "n_seq ctx"],
     hook_name: Optional[str] = None,
@@ -88,33 +113,17 @@ def evaluate_sae(
     sums = _Sums(sae.cfg.d_sae, "cpu")
     ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     kl_total, n_pred = 0.0, 0
-    acts_name, in_name = f"{hook_name}.hook_sae_acts_post", f"{hook_name}.hook_sae_input"
 
-    def keep_leading(out: torch.Tensor, hook) -> torch.Tensor:
-        # the first positions keep the model's own activation
-        out = out.clone()
-        out[:, :skip_positions] = stash["input"][:, :skip_positions].to(out.dtype)
-        return out
-
-    def stash_input(x: torch.Tensor, hook) -> None:
-        stash["input"] = x
-
-    def zero(x: torch.Tensor, hook) -> torch.Tensor:
+    def zero(x: torch.Tensor, hook: Any) -> torch.Tensor:
         x = x.clone()
         x[:, skip_positions:] = 0.0
         return x
 
-    stash: dict[str, torch.Tensor] = {}
     for i in tqdm(range(0, len(tokens), batch_size), desc="evaluating SAE", disable=not progress):
         rows = tokens[i: i + batch_size].to(model.device)
         clean_logits = model(rows)
         ce_clean = model.loss_fn(clean_logits, rows, per_token=True)
-        with saes(model, {hook_name: sae}, use_error_term=False):
-            hooks = [(in_name, stash_input), (f"{hook_name}.hook_sae_output", keep_leading)]
-            cache: dict[str, torch.Tensor] = {}
-            hooks += [(acts_name, lambda a, hook: cache.__setitem__("acts", a)),
-                      (f"{hook_name}.hook_sae_recons", lambda r, hook: cache.__setitem__("recons", r))]
-            sae_logits = model.run_with_hooks(rows, fwd_hooks=hooks)
+        sae_logits, seen = _run_with_sae(model, sae, hook_name, rows, skip_positions)
         zero_logits = model.run_with_hooks(rows, fwd_hooks=[(hook_name, zero)])
         ce["clean"] += float(ce_clean.sum())
         ce["sae"] += float(model.loss_fn(sae_logits, rows, per_token=True).sum())
@@ -123,8 +132,7 @@ def evaluate_sae(
         lp_clean = F.log_softmax(clean_logits.float(), -1)
         lp_sae = F.log_softmax(sae_logits.float(), -1)
         kl_total += float((lp_clean.exp() * (lp_clean - lp_sae)).sum())
-        x = stash["input"][:, skip_positions:]
-        sums.add(x.cpu(), cache["recons"][:, skip_positions:].cpu(), cache["acts"][:, skip_positions:].cpu())
+        sums.add(*(seen[k][:, skip_positions:].cpu() for k in ("sae_input", "sae_recons", "sae_acts_post")))
     out = sums.result()
     n_tok_logits = len(tokens) * tokens.shape[1]
     ce_clean, ce_sae, ce_zero = (ce[k] / n_pred for k in ("clean", "sae", "zero"))

@@ -143,7 +143,8 @@ def _load_with_factor(folder: Path, device, dtype, factor: Optional[float]) -> S
     norm = d.get("normalize_activations")
     if norm is True or norm == "expected_average_only_in":
         if factor is None:
-            raise SAEFormatError(f"{folder}: normalize_activations='expected_average_only_in' but the release lists no norm_scaling_factor")
+            raise SAEFormatError(f"{folder}: normalize_activations='expected_average_only_in' but the release lists "
+                                 "no norm_scaling_factor")
         import shutil
         import tempfile
 

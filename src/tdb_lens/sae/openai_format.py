@@ -65,7 +65,8 @@ def read_state_dict(path: Union[str, os.PathLike], map_location: str = "cpu") ->
     except pickle.UnpicklingError as e:
         raise SAEFormatError(_refusal(p, str(e))) from None
     except (RuntimeError, EOFError, KeyError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise SAEFormatError(f"{p}: not a readable torch state dict ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SAEFormatError(f"{p}: not a readable torch state dict ({why})") from None
     if not isinstance(sd, Mapping):
         raise SAEFormatError(f"{p}: expected a state dict (a mapping of names to tensors), got {type(sd).__name__}")
     return dict(sd)

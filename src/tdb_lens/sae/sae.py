@@ -102,6 +102,13 @@ class SAE(HookedRootModule):
     #: whether the config's ``k`` means something for this architecture
     takes_k: ClassVar[bool] = False
 
+    hook_sae_input: HookPoint
+    hook_sae_acts_pre: HookPoint
+    hook_sae_acts_post: HookPoint
+    hook_sae_recons: HookPoint
+    hook_sae_error: HookPoint
+    hook_sae_output: HookPoint
+
     def __new__(cls, cfg: Optional[SAEConfig] = None, *args: Any, **kwargs: Any) -> SAE:
         if cls is SAE and cfg is not None:
             from .architectures import architecture_class
@@ -201,8 +208,8 @@ class SAE(HookedRootModule):
     def d_sae(self) -> int:
         return self.cfg.d_sae
 
-    @property
-    def hook_name(self) -> Optional[str]:
+    @property  # SAELens's name; it shadows HookedRootModule.hook_name(site, ...), unused on an SAE
+    def hook_name(self) -> Optional[str]:  # type: ignore[override]
         """Where this SAE is attached (else where it was trained, if recorded)."""
         host = self.__dict__["_host"]
         return host[1] if host is not None else self.cfg.hook_name

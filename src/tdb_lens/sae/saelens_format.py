@@ -38,7 +38,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
     except FileNotFoundError:
-        raise SAEFormatError(f"{path.parent}: no {path.name}; an SAELens folder holds {CFG_FILENAME} and {WEIGHTS_FILENAME}") from None
+        raise SAEFormatError(f"{path.parent}: no {path.name}; an SAELens folder holds {CFG_FILENAME} "
+                             f"and {WEIGHTS_FILENAME}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SAEFormatError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
@@ -67,7 +68,8 @@ def _saelens_architecture(d: dict[str, Any], where: str) -> tuple[str, Any]:
 
 def config_from_saelens(d: dict[str, Any], where: str = "cfg.json") -> SAEConfig:
     """An `SAEConfig` from a SAELens config dict of any version."""
-    meta = d.get("metadata") if isinstance(d.get("metadata"), dict) else {}
+    raw_meta = d.get("metadata")
+    meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
     arch, k = _saelens_architecture(d, where)
     norm = d.get("normalize_activations", "none")
     if isinstance(norm, bool) or norm is None:

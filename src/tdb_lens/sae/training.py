@@ -78,6 +78,7 @@ class SAETrainer:
         self.fired_since_resample = torch.zeros(d_sae, dtype=torch.bool, device=self.device)
         self.optim = torch.optim.Adam(self._params(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps)
         self.initialized = False
+        self._pending: Optional[torch.Tensor] = None  # the first batch, read by _initialize
         if resume and self.out_dir is not None and (self.out_dir / CHECKPOINTS / LATEST).is_file():
             self.load_checkpoint()
 
@@ -195,7 +196,7 @@ class SAETrainer:
         t0, start_step = time.perf_counter(), self.step
         try:
             while self.step < self.n_steps:
-                pending = getattr(self, "_pending", None)
+                pending = self._pending
                 if pending is not None:
                     x, self._pending = pending * self.scale, None
                 else:
