@@ -2,6 +2,8 @@
 
 Runs only where ``openai-community/gpt2`` is already in the Hugging Face cache (nothing is
 downloaded); elsewhere every test is skipped with the reason.
+As of 2026-12-04 they have never run on any machine this project was built or tested on (none has
+GPT-2's weights), so a wrong detail in them would only show where the weights are.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ REPO = "openai-community/gpt2"
 # `model("Hello world!", return_type="loss")` (BOS prepended) and stores this loss for gpt2-small.
 TL_TEXT = "Hello world!"
 TL_LOSS = 5.331855773925781
+SKIP_REASON = ("GPT-2 small weights are not in the Hugging Face cache (hub unreachable); these tests have never "
+               "run on this project's machines, see the README")
 
 
 def _cached() -> bool:
@@ -28,7 +32,7 @@ def _cached() -> bool:
 
 pytestmark = [
     pytest.mark.gpt2_weights,
-    pytest.mark.skipif(not _cached(), reason="GPT-2 small weights are not in the Hugging Face cache (hub unreachable here)"),
+    pytest.mark.skipif(not _cached(), reason=SKIP_REASON),
 ]
 
 

@@ -17,12 +17,12 @@ import torch
 from tdb_lens import HookedGPT2
 from tdb_lens.ioi import IOIDataset
 from tdb_lens.ioi.discovery import IOIContext, head_detector_scores, head_direct_effects, parse_head, path_patch_to_queries
-from test_gpt2_real_weights import _cached
+from test_gpt2_real_weights import SKIP_REASON, _cached
 
 pytestmark = [
     pytest.mark.gpt2_weights,
     pytest.mark.slow,
-    pytest.mark.skipif(not _cached(), reason="GPT-2 small weights are not in the Hugging Face cache (hub unreachable here)"),
+    pytest.mark.skipif(not _cached(), reason=SKIP_REASON),
 ]
 
 # The paper's circuit (Wang et al. 2022, figure 2), 26 heads.
