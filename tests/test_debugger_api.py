@@ -9,11 +9,11 @@ import threading
 
 import pytest
 import torch
-from test_debugger_support import IOI, IOI_B, STATE, WordEmbedder, harvest_and_store, tiny_model
 
 from tdb_lens.attribution import LogitDiff, Node, act_times_grad, direct_effects, trace_upstream
 from tdb_lens.debugger import DebuggerError, Investigation
 from tdb_lens.debugger.app import create_app, needs_token
+from test_debugger_support import IOI, IOI_B, STATE, WordEmbedder, harvest_and_store, tiny_model
 
 SITE = "blocks.0.hook_resid_post"
 TOL = dict(atol=1e-5, rel_tol=1e-5)

@@ -72,7 +72,8 @@ function renderTable(t) {
     const isHead = r.family === "head";
     const tok = r.key_token === null ? JSON.stringify(r.token) : `${JSON.stringify(r.token)} \u2190 ${JSON.stringify(r.key_token)}`;
     const acts = (isHead ? ["q", "k", "v"].map((s) => `<button class="trace-${s}" title="trace through ${s}">${s}</button>`).join("")
-      : `<button class="trace" title="trace upstream">trace</button>`) + `<button class="ablate">ablate</button><button class="unit">unit</button>`;
+      : r.family.endsWith("embed") ? "" : `<button class="trace" title="trace upstream">trace</button>`) +
+      `<button class="ablate">ablate</button>` + (r.family.endsWith("embed") ? "" : `<button class="unit">unit</button>`);
     const cells = COLS.flatMap(([c]) => sides.map((s) => bar(val(r, c, s), scale[c + s])));
     return `<tr data-node="${esc(r.node)}" data-family="${esc(r.family)}"><td class="l">${esc(r.node)}</td><td class="l">${esc(tok)}</td><td class="acts">${acts}</td>${cells.join("")}</tr>`;
   });
