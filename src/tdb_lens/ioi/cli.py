@@ -23,21 +23,83 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/ioi", help="folder for report.json and the heatmaps")
     p.add_argument("--max-heads", type=int, default=40, help="largest circuit the search may return")
     p.add_argument("--target", type=float, default=0.85, help="faithfulness the search aims for")
-    p.add_argument("--no-minimality", action="store_true", help="skip completeness and minimality (saves ~1 forward pass per head)")
+    p.add_argument("--no-minimality", action="store_true",
+                   help="skip completeness and minimality (saves ~1 forward pass per head)")
     p.add_argument("--device", default=None, help="torch device (default: the model's)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
+REPORT_FILES = ("report.json", "head_patching.png", "direct_effects.png", "detectors.png")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raise `UsageError` for the first bad argument (nothing loaded or written yet)."""
+    from ..cli import UsageError
+
+    if args.prompts < 1:
+        raise UsageError(f"--prompts must be at least 1, got {args.prompts}")
+    if args.max_heads < 1:
+        raise UsageError(f"--max-heads must be at least 1, got {args.max_heads}")
+    if not 0 < args.target <= 1:
+        raise UsageError(f"--target must be in (0, 1], got {args.target}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    if args.device is not None:
+        check_device(args.device)
+    check_out_dir(args.out, REPORT_FILES)
+
+
+def check_device(spec: str) -> None:
+    """A torch device this machine has, or `UsageError` saying what is wrong."""
+    import torch
+
+    from ..cli import UsageError
+
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {spec!r} is not a torch device (cpu, cuda, cuda:1, mps ...)") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise UsageError(f"--device {spec}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= n:
+            raise UsageError(f"--device {spec}: this machine has {n} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {spec}: MPS is not available on this machine")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {spec}: only cpu, cuda and mps are supported")
+
+
+def check_out_dir(out: str, ours: tuple[str, ...]) -> None:
+    """``out`` must be creatable, or a directory that is empty or holds only files this command writes."""
+    import os
+    from pathlib import Path
+
+    from ..cli import UsageError
+
+    if not out or not out.strip():
+        raise UsageError("--out is empty: give a folder for the report")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder (it is created if missing)")
+    if path.is_dir():
+        others = sorted(p.name for p in path.iterdir() if p.name not in ours and not p.name.endswith(".tmp"))
+        if others:
+            raise UsageError(f"--out {out} is not empty ({', '.join(others[:3])}{' ...' if len(others) > 3 else ''}); "
+                             "give a new or empty folder, or one holding an earlier report (overwritten)")
+    parent = path.resolve()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"--out {out}: {parent} is not a writable folder")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parser().parse_args(argv)
-    if args.prompts < 1:
-        print(f"tdb-lens ioi: --prompts must be at least 1, got {args.prompts}", file=sys.stderr)
-        return 2
-    if not 0 < args.target <= 1:
-        print(f"tdb-lens ioi: --target must be in (0, 1], got {args.target}", file=sys.stderr)
-        return 2
+    check_args(args)
     import torch
 
     from ..loading import load
