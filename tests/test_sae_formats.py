@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import warnings
 
 import pytest
+import sae_lens
 import torch
 
 from tdb_lens.sae import SAE, SAEConfig, load_sae, save_sae
 from tdb_lens.sae.errors import SAEFormatError, SAEHubError
 
-sae_lens = pytest.importorskip("sae_lens")
 warnings.filterwarnings("ignore", module="sae_lens")
 
 
@@ -158,6 +159,48 @@ def test_openai_file_with_pickled_code_is_refused(tmp_path):
     torch.save(sd, tmp_path / "evil.pt")
     with pytest.raises(SAEFormatError, match="refused"):
         load_sae(tmp_path / "evil.pt")
+
+
+def test_legacy_pickles_are_refused_for_the_right_reason(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("unpickled",))
+
+    # torch.save's legacy (non-zip) format with an object inside; and a plain pickle of one
+    torch.save({"encoder.weight": torch.zeros(2, 2), "x": Payload()}, tmp_path / "legacy.pt",
+               _use_new_zipfile_serialization=False)
+    with open(tmp_path / "plain.pt", "wb") as f:
+        pickle.dump({"x": Payload()}, f)
+    for name in ("legacy.pt", "plain.pt"):
+        with pytest.raises(SAEFormatError, match=r"refused: a legacy \(non-zip\) pickle that needs to unpickle") as e:
+            load_sae(tmp_path / name)
+        assert "zip archive" not in str(e.value)
+    with pytest.raises(SAEFormatError, match="Unsupported global"):
+        load_sae(tmp_path / "legacy.pt")
+    # a legacy file holding tensors only is a state dict like any other
+    torch.save(openai_state_dict(), tmp_path / "legacy_ok.pt", _use_new_zipfile_serialization=False)
+    assert load_sae(tmp_path / "legacy_ok.pt").cfg.d_sae == openai_state_dict()["encoder.weight"].shape[0]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, bad):
+    sae = SAE(SAEConfig(d_in=8, d_sae=16, architecture="topk", k=4))
+    save_sae(sae, tmp_path / "folder")
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "folder" / "sae_weights.safetensors"
+    tensors = load_file(str(weights))
+    tensors["b_dec"][3] = bad
+    save_file(tensors, str(weights))
+    with pytest.raises(SAEFormatError, match="tensor 'b_dec' holds 1 non-finite"):
+        load_sae(tmp_path / "folder")  # SAELens folder
+    with pytest.raises(SAEFormatError, match="tensor 'b_dec' holds 1 non-finite"):
+        load_sae(weights)  # the safetensors file itself
+    sd = openai_state_dict()
+    sd["decoder.weight"][0, 0] = bad
+    torch.save(sd, tmp_path / "openai.pt")
+    with pytest.raises(SAEFormatError, match="tensor 'decoder.weight' holds 1 non-finite"):
+        load_sae(tmp_path / "openai.pt")  # OpenAI state dict: the file's own name for the tensor
 
 
 def test_openai_errors(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import sae_lens
 import torch
 
 import tdb_lens
@@ -71,7 +72,6 @@ def test_error_term_keeps_logits_and_ablation_is_exact(model, tokens):
 
 
 def test_saelens_sae_on_smollm2(model, tokens, tmp_path):
-    sae_lens = pytest.importorskip("sae_lens")
     warnings.filterwarnings("ignore", module="sae_lens")
     c = sae_lens.TopKSAEConfig(d_in=576, d_sae=1152, k=16)
     theirs = sae_lens.SAE.from_dict(c.to_dict())
