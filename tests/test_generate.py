@@ -1,5 +1,6 @@
-"""Greedy generation: with and without the KV cache, against ``transformers``' ``generate``; stop
-tokens; hooks active at every step."""
+"""Generation: greedy with and without the KV cache, against ``transformers``' ``generate``; stop
+tokens; hooks active at every step; sampling against transformers' warpers; every setting checked
+before the first forward."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -147,3 +149,79 @@ def test_hooks_are_active_during_generation():
                    fwd_hooks=[("hook_embed", lambda a, hook: shapes.append(tuple(a.shape)))])
     assert shapes == [(1, 6, 64)] + [(1, 1, 64)] * 3
     assert model.n_hooks() == 0
+
+
+# ------------------------------------------------------------------------------ settings checked first
+
+BAD_SETTINGS = [
+    ({"do_sample": True, "temperature": -1.0}, r"temperature must be a finite number > 0, got -1\.0"),
+    ({"temperature": float("nan")}, r"temperature must be a finite number > 0, got nan"),
+    ({"do_sample": True, "temperature": 0}, r"temperature=0 with do_sample=True: sampling needs temperature > 0"),
+    ({"do_sample": True, "top_k": 0}, r"top_k must be None or an integer >= 1, got 0"),
+    ({"do_sample": True, "top_k": 2.5}, r"top_k must be None or an integer >= 1, got 2\.5"),
+    ({"do_sample": True, "top_p": 0}, r"top_p must be None or a number in \(0, 1\], got 0"),
+    ({"do_sample": True, "top_p": 1.5}, r"top_p must be None or a number in \(0, 1\], got 1\.5"),
+    ({"do_sample": True, "top_p": float("nan")}, r"top_p must be None or a number in \(0, 1\], got nan"),
+    ({"max_new_tokens": -1}, r"max_new_tokens must be an integer >= 0, got -1"),
+    ({"max_new_tokens": 2.0}, r"max_new_tokens must be an integer >= 0, got 2\.0"),
+    ({"return_type": "text"}, r"return_type must be one of 'auto', 'input', 'str', 'tokens', got 'text'"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_SETTINGS)
+def test_generate_refuses_bad_settings_before_running(kwargs, message):
+    _, model = models()
+    calls = []
+    with model.hooks(fwd_hooks=[("hook_embed", lambda a, hook: calls.append(1))]):
+        with pytest.raises(ValueError, match=message):
+            model.generate(PROMPT, **{"max_new_tokens": 3, **kwargs})
+    assert calls == [] and model.n_hooks() == 0  # nothing ran, nothing left behind
+
+
+def test_generate_edge_settings_that_are_valid():
+    _, model = models()
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=0), PROMPT)
+    greedy = model.generate(PROMPT, max_new_tokens=4, stop_at_eos=False)
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=4, stop_at_eos=False, temperature=0), greedy)
+    # top_k=1 sampling is greedy; a top_k above the vocabulary keeps every token (it was a torch error)
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=4, stop_at_eos=False, do_sample=True, top_k=1, seed=0), greedy)
+    assert model.generate(PROMPT, max_new_tokens=2, do_sample=True, top_k=10**6, seed=0).shape == (1, 8)
+    assert isinstance(model.generate(PROMPT, max_new_tokens=2, return_type="str"), list)
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=4, stop_at_eos=False, return_type="input"), greedy)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.8), (0.7, 6, 0.75)])
+def test_sampling_distribution_equals_transformers_warpers(temperature, top_k, top_p):
+    """Frequencies of 20000 draws against the probabilities transformers' own temperature / top-k / top-p
+    warpers give (applied in transformers' order); tokens they exclude are never drawn."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from tdb_lens.models.sampling import next_token
+
+    logits = torch.tensor([[2.0, 1.5, 1.2, 0.3, 0.2, -0.5, -1.0, -3.0]])
+    ref = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k is not None:
+        ref = TopKLogitsWarper(top_k)(None, ref)
+    if top_p is not None:
+        ref = TopPLogitsWarper(top_p)(None, ref)
+    expected = ref.softmax(-1)[0]
+    n = 20000
+    draws = next_token(logits.expand(n, -1), True, temperature, top_k, top_p, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=8).float() / n
+    assert set(draws.unique().tolist()) <= set(expected.nonzero().flatten().tolist())
+    assert (freq - expected).abs().max() < 0.02  # 4.5 standard errors at p = 0.5
+
+
+def test_token_helpers_name_bad_input():
+    _, model = models()
+    with pytest.raises(ValueError, match="to_tokens got an empty list of strings"):
+        model.to_tokens([])
+    with pytest.raises(TypeError, match="to_tokens expects a string or a list of strings, got int"):
+        model.to_tokens(5)
+    with pytest.raises(ValueError, match=r"token id 50257 is outside the vocabulary \[0, 50257\)"):
+        model.to_single_token(50257)
+    with pytest.raises(ValueError, match=r"token id -1 is outside"):
+        model.to_single_token(-1)
+    with pytest.raises(ValueError, match=r"' hello world' is 2 tokens"):
+        model.to_single_token(" hello world")
+    assert model.to_single_token(" hello") == model.to_tokens(" hello", prepend_bos=False)[0, 0].item()

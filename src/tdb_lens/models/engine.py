@@ -20,6 +20,7 @@ from ..hooks.layout import layout
 from ..tokenizer import Tokenizer
 from .components import Blocks, ForwardContext, KVCache, Norm
 from .sae_host import SAEHostMixin
+from .sampling import check_generate_args, next_token
 
 TextOrTokens = Union[str, Sequence[str], torch.Tensor, Sequence[int]]
 
@@ -79,6 +80,8 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
         tok = self._tok()
         if prepend_bos is None:
             prepend_bos = tok.default_prepend_bos
+        if not isinstance(input, (str, list, tuple)):
+            raise TypeError(f"to_tokens expects a string or a list of strings, got {type(input).__name__}")
         texts = [input] if isinstance(input, str) else list(input)
         if not texts:
             raise ValueError("to_tokens got an empty list of strings")
@@ -133,8 +136,12 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
         return tok.decode(list(tokens))
 
     def to_single_token(self, token: Union[str, int]) -> int:
-        if isinstance(token, int):
+        if isinstance(token, int) and not isinstance(token, bool):
+            if not 0 <= token < self.cfg.d_vocab:
+                raise ValueError(f"token id {token} is outside the vocabulary [0, {self.cfg.d_vocab})")
             return token
+        if not isinstance(token, str):
+            raise TypeError(f"to_single_token expects a string or a token id, got {type(token).__name__}")
         ids = self._tok().encode(token)
         if len(ids) != 1:
             raise ValueError(f"{token!r} is {len(ids)} tokens {ids}, expected exactly one")
@@ -415,8 +422,11 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
         """Continue text or tokens. Greedy unless ``do_sample``; stops at EOS / ``stop_tokens``.
 
         Hooks registered on the model (or passed as ``fwd_hooks``) are active at every step; with
-        the KV cache each step's hooks see only the new position.
+        the KV cache each step's hooks see only the new position. ``return_type``: "auto"/"input"
+        (text for text input, else tokens), "str" or "tokens". Every setting is checked before the
+        first forward (`sampling.check_generate_args`).
         """
+        check_generate_args(max_new_tokens, do_sample, temperature, top_k, top_p, return_type)
         from_text = isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str))
         if from_text:
             tokens, mask = self.to_tokens_and_mask(input, prepend_bos, padding_side="left")  # type: ignore[arg-type]
@@ -451,7 +461,7 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
                 finished |= torch.tensor([int(t) in stops for t in nxt.tolist()], device=finished.device)
                 if bool(finished.all()):
                     break
-        if return_type == "tokens" or (return_type == "auto" and not from_text):
+        if return_type == "tokens" or (return_type in ("auto", "input") and not from_text):
             return out
         # as TransformerLens: the BOS that to_tokens prepended to text input is not part of the answer
         # (a BOS the caller wrote into the text, or passed as a token id, is kept)
@@ -464,17 +474,4 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
 
     @staticmethod
     def _sample(logits, do_sample, temperature, top_k, top_p, gen) -> torch.Tensor:
-        if not do_sample or temperature == 0:
-            return logits.argmax(-1)
-        logits = logits / temperature
-        if top_k is not None:
-            kth = logits.topk(top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if top_p is not None:
-            sorted_logits, idx = logits.sort(dim=-1, descending=True)
-            probs = sorted_logits.softmax(-1)
-            drop = probs.cumsum(-1) - probs > top_p
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-        probs = logits.softmax(-1).cpu()
-        return torch.multinomial(probs, 1, generator=gen)[:, 0].to(logits.device)
+        return next_token(logits, do_sample, temperature, top_k, top_p, gen)
