@@ -1,0 +1,61 @@
+"""IOI discovery metrics split over torchrun's ranks by prompt, reduced to the 1-process numbers.
+
+Every rank builds the same `IOIContext` (same prompts, ABC corruption and per-template means),
+then evaluates its contiguous block of prompts (`tdb_lens.distributed.Dist.shard`); per-prompt
+logit differences are gathered in prompt order, means are ``n_prompts x mean`` summed over ranks.
+The functions mirror the context's methods (``ctx.circuit_ld``, ``ctx.faithfulness``,
+``ctx.circuit_attribution``) and return the same numbers on every rank. In a plain process the one
+rank takes every prompt.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from jaxtyping import Float
+
+from ..attribution.sharding import reduce_means, shard_rows
+from ..distributed import Dist
+from ..distributed import init as dist_init
+from .discovery import Head, IOIContext
+
+__all__ = ["sharded_prompt_ld", "sharded_circuit_ld", "sharded_faithfulness", "sharded_circuit_attribution"]
+
+
+def _dist(dist: Optional[Dist]) -> Dist:
+    return dist if dist is not None else dist_init()
+
+
+def sharded_prompt_ld(ctx: IOIContext, keep: Optional[set[Head]] = None,
+                      dist: Optional[Dist] = None) -> Float[torch.Tensor, " batch"]:
+    """Logit difference of every prompt ``[batch]``, in prompt order: the clean model's, or with
+    every head outside ``keep`` mean-ablated (the paper's ablation) when ``keep`` is given."""
+    d = _dist(dist)
+    rows = shard_rows(len(ctx.clean.end), d)
+    hooks = () if keep is None else ctx.ablation_hooks(set(keep), rows)
+    local = ctx.run_ld(hooks, rows).detach().float().cpu()
+    return d.all_gather_rows(local, n=len(ctx.clean.end))
+
+
+def sharded_circuit_ld(ctx: IOIContext, keep: set[Head], dist: Optional[Dist] = None) -> float:
+    """``ctx.circuit_ld(keep)`` with the prompts split over the ranks."""
+    return float(sharded_prompt_ld(ctx, keep, dist).mean())
+
+
+def sharded_faithfulness(ctx: IOIContext, circuit: set[Head], dist: Optional[Dist] = None) -> float:
+    """``ctx.faithfulness(circuit)`` with the prompts split over the ranks."""
+    return sharded_circuit_ld(ctx, circuit, dist) / float(ctx.clean_ld.mean())
+
+
+def sharded_circuit_attribution(ctx: IOIContext, keep: set[Head],
+                                dist: Optional[Dist] = None) -> tuple[float, Float[torch.Tensor, "layer head"]]:
+    """``ctx.circuit_attribution(keep)`` with the prompts split over the ranks: the circuit's mean
+    logit difference and the ``[layer, head]`` estimates (means over every prompt)."""
+    d = _dist(dist)
+    n = len(ctx.clean.end)
+    rows = shard_rows(n, d)
+    ld, est = ctx.circuit_attribution(set(keep), rows)
+    flat = torch.cat([torch.tensor([ld], dtype=torch.float64), est.detach().double().reshape(-1)])
+    total = reduce_means(flat, len(rows), n, d)
+    return float(total[0]), total[1:].reshape(est.shape).to(est.dtype)
