@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .models.engine import HookedTransformer
 from .models.gpt2 import GPT2_NAMES, HookedGPT2
-from .models.hub import read_config, resolve_checkpoint
+from .models.hub import CheckpointError, read_config, resolve_checkpoint
 from .models.llama import SUPPORTED_MODEL_TYPES, HookedLlama
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -34,7 +34,7 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, **kwargs) -> HookedTra
         return HookedGPT2.from_pretrained(name, **kwargs)
     directory = resolve_checkpoint(name)
     model_type = read_config(Path(directory)).get("model_type")
-    family = FAMILIES.get(model_type)  # type: ignore[arg-type]
+    family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if family is None:
-        raise ValueError(f"{name}: model_type {model_type!r} is not supported; supported: {sorted(FAMILIES)}")
-    return family.from_pretrained(directory, **kwargs)  # type: ignore[attr-defined]
+        raise CheckpointError(f"{name}: model_type {model_type!r} is not supported; supported: {sorted(FAMILIES)}")
+    return family.from_pretrained(str(directory), **kwargs)

@@ -171,6 +171,9 @@ GPT2_VOCAB_SIZE = 50257  # GPT-2's tokenizer; attached by default only to models
 class HookedGPT2(HookedTransformer):
     """GPT-2 with TransformerLens hook names. Logits equal ``transformers``' (no weight processing)."""
 
+    weight_processing: Optional[dict] = None  # the `gpt2_processing` flags applied, once any is
+    _no_tokenizer_reason: Optional[str] = None  # why no tokenizer was attached (said when text is passed)
+
     def __init__(self, cfg: GPT2Config, tokenizer: Optional[Tokenizer] = None) -> None:
         super().__init__(cfg, tokenizer)
         self.wte = nn.Embedding(cfg.d_vocab, cfg.d_model)

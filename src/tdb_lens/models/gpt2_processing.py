@@ -44,13 +44,15 @@ changes nothing. The flags that have been applied are recorded in ``model.weight
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
+from .components import LayerNorm
+
 if TYPE_CHECKING:  # pragma: no cover
-    from .gpt2 import HookedGPT2
+    from .gpt2 import GPT2MLP, GPT2Attention, HookedGPT2
 
 PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
 
@@ -71,14 +73,20 @@ def _ensure_b_U(model: HookedGPT2) -> nn.Parameter:
     return model.b_U_param
 
 
-def _fold_norm_into(norm: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> bool:
+def _layers(model: HookedGPT2) -> list[tuple[LayerNorm, GPT2Attention, LayerNorm, GPT2MLP]]:
+    """Each block's (ln1, attn, ln2, mlp), typed as GPT-2 builds them."""
+    return [(cast(LayerNorm, b.ln1), cast("GPT2Attention", b.attn), cast(LayerNorm, b.ln2), cast("GPT2MLP", b.mlp))
+            for b in model.blocks]  # fmt: skip
+
+
+def _fold_norm_into(norm: LayerNorm, weight: torch.Tensor, bias: torch.Tensor) -> bool:
     """Fold a LayerNorm into the layer reading it: ``x_norm @ W + b`` with W [d_model, out], b [out].
 
     ``(n * w + c) @ W + b == n @ (w[:, None] * W) + (c @ W + b)``; the reading weight is then centred
     over ``d_model`` (``n`` has zero mean, so that changes nothing). Computed in float32 whatever the
     storage dtype (as TransformerLens does). Returns False if the norm was already folded.
     """
-    if norm.weight is None:
+    if norm.weight is None or norm.bias is None:
         return False
     W, b = weight.float(), bias.float()  # the tensors themselves when already float32
     w, c = norm.weight.detach().float(), norm.bias.detach().float()
@@ -121,36 +129,37 @@ def process_weights_(
         raise ValueError("process_weights_ needs materialised weights; this model is still on the meta device")
     done = getattr(model, "weight_processing", None) or {k: False for k in PROCESSING_FLAGS}
 
+    layers = _layers(model)
     if fold_ln:
-        for block in model.blocks:
-            _fold_norm_into(block.ln1, block.attn.c_attn.weight, block.attn.c_attn.bias)
-            _fold_norm_into(block.ln2, block.mlp.c_fc.weight, block.mlp.c_fc.bias)
-        if model.ln_final.weight is not None:
+        for ln1, attn, ln2, mlp in layers:
+            _fold_norm_into(ln1, attn.c_attn.weight, attn.c_attn.bias)
+            _fold_norm_into(ln2, mlp.c_fc.weight, mlp.c_fc.bias)
+        ln_final = cast(LayerNorm, model.ln_final)
+        if ln_final.weight is not None:
             _untie_unembed(model)
-            _fold_norm_into(model.ln_final, model.W_U_untied, _ensure_b_U(model))
+            _fold_norm_into(ln_final, cast(nn.Parameter, model.W_U_untied), _ensure_b_U(model))
         done["fold_ln"] = True
 
     if center_writing_weights:
         _untie_unembed(model)  # W_E changes; the unembedding must not
         _center_rows(model.wte.weight)
         _center_rows(model.wpe.weight)
-        for block in model.blocks:
+        for _, attn, _, mlp in layers:
             # c_proj.weight rows are (head, d_head) -> d_model, i.e. W_O flattened
-            for lin in (block.attn.c_proj, block.mlp.c_proj):
+            for lin in (attn.c_proj, mlp.c_proj):
                 _center_rows(lin.weight)
                 _center_rows(lin.bias)
         done["center_writing_weights"] = True
 
     if center_unembed:
         _untie_unembed(model)
-        _center_rows(model.W_U_untied)  # [d_model, d_vocab]: mean over the vocabulary
+        _center_rows(cast(nn.Parameter, model.W_U_untied))  # [d_model, d_vocab]: mean over the vocabulary
         if model.b_U_param is not None:
             _center_rows(model.b_U_param)
         done["center_unembed"] = True
 
     if fold_value_biases:
-        for block in model.blocks:
-            attn = block.attn
+        for _, attn, _, _ in layers:
             D = attn.d_model
             b_v = attn.c_attn.bias[2 * D:]  # b_V flattened (head, d_head)
             b_o = attn.c_proj.bias
