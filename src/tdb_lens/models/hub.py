@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from jaxtyping import Shaped
 from torch import nn
 
 
@@ -133,7 +134,7 @@ class DictSource:
             yield k, t.clone() if self.copy else t
 
 
-def count_nonfinite(t: torch.Tensor) -> int:
+def count_nonfinite(t: Shaped[torch.Tensor, "*dims"]) -> int:
     """How many NaN / infinite values ``t`` holds. A finite sum proves there are none (NaN and Inf
     propagate into it), which costs a twentieth of an element-wise test; only otherwise are they counted."""
     if not t.is_floating_point() or t.numel() == 0 or bool(torch.isfinite(t.sum())):
