@@ -83,7 +83,7 @@ _BLOCKS = {QT.F32: (1, 4), QT.F16: (1, 2), QT.BF16: (1, 2), QT.Q8_0: (32, 34), Q
 SUPPORTED_TYPES = tuple(t.name for t in _BLOCKS)
 
 
-def dequantize(data: np.ndarray, qtype: Any, shape: tuple[int, ...], name: str = "tensor") -> Float[torch.Tensor, ...]:
+def dequantize(data: np.ndarray, qtype: Any, shape: tuple[int, ...], name: str = "tensor") -> Float[torch.Tensor, "*shape"]:
     """Decode the raw GGUF storage ``data`` of one tensor to float32 with numpy ``shape`` (``[out, in]``)."""
     try:
         qtype = QT(int(qtype))
