@@ -58,3 +58,16 @@ class SAEHostMixin:
 
         with attach.saes(self, saes, use_error_term):  # type: ignore[arg-type]
             return self(*model_args, **model_kwargs)  # type: ignore[operator]
+
+    def run_with_cache_with_saes(self, *model_args: Any, **kwargs: Any) -> Any:
+        """SAELens' ``run_with_cache_with_saes`` (``saes=``, ``use_error_term=None``: each SAE's own
+        setting); see `tdb_lens.sae_lens_compat.run_with_cache_with_saes`."""
+        from ..sae_lens_compat import run_with_cache_with_saes
+
+        return run_with_cache_with_saes(self, *model_args, **kwargs)
+
+    def run_with_hooks_with_saes(self, *model_args: Any, **kwargs: Any) -> Any:
+        """SAELens' ``run_with_hooks_with_saes``; see `tdb_lens.sae_lens_compat`."""
+        from ..sae_lens_compat import run_with_hooks_with_saes
+
+        return run_with_hooks_with_saes(self, *model_args, **kwargs)

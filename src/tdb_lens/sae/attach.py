@@ -85,8 +85,10 @@ def add_sae(model: HookedRootModule, sae: SAE, hook_name: Optional[str] = None, 
     """
     from .sae import SAE
 
-    if not isinstance(sae, SAE):
-        raise TypeError(f"add_sae expects a tdb_lens SAE, got {type(sae).__name__}")
+    if not isinstance(sae, SAE):  # a sae_lens SAE becomes a tdb_lens one sharing its tensors; else TypeError
+        from ..sae_lens_compat import from_sae_lens
+
+        sae = from_sae_lens(sae)
     hook_name = hook_name or sae.cfg.hook_name
     if not hook_name:
         raise ValueError("no hook_name given and the SAE's config records none: add_sae(model, sae, 'blocks.3.hook_resid_post')")
@@ -154,13 +156,14 @@ def reset_saes(model: HookedRootModule) -> None:
 
 
 def _as_pairs(spec: SAESpec) -> list[tuple[Optional[str], SAE]]:
+    from ..sae_lens_compat import from_sae_lens, is_sae_lens_sae  # sae_lens SAEs are converted (tensors shared)
     from .sae import SAE
 
-    if isinstance(spec, SAE):
-        return [(None, spec)]
+    if isinstance(spec, SAE) or is_sae_lens_sae(spec):
+        return [(None, from_sae_lens(spec))]
     if isinstance(spec, Mapping):
-        return [(name, s) for name, s in spec.items()]
-    return [(None, s) for s in spec]
+        return [(name, from_sae_lens(s)) for name, s in spec.items()]
+    return [(None, from_sae_lens(s)) for s in spec]
 
 
 @contextlib.contextmanager
