@@ -4,14 +4,13 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from tdb_lens import HookedGPT2
-from tdb_lens.explain.corpus import Corpus, build_corpus, default_corpus_path, iter_texts
-from tdb_lens.explain.harvest import _INF_KEY, harvest, load_harvest, priorities, random_window_ids
+from tdb_lens.explain.corpus import build_corpus, default_corpus_path, iter_texts
+from tdb_lens.explain.harvest import harvest, load_harvest, priorities, random_window_ids
 
 HOOK = "blocks.1.mlp.hook_post"
 N_WIN, CTX, BATCH = 45, 12, 8  # 6 batches, the last one partial

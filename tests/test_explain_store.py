@@ -47,7 +47,7 @@ def test_store_round_trip(planted, tmp_path):
     model, corpus, res = planted
     db = tmp_path / "x.db"
     with ExplanationStore(db) as store:
-        ids = fill(store, res, corpus)
+        fill(store, res, corpus)
         rec = res.record(PLANT_UNIT)
         uid = store.unit_id("L0.N3")
         assert store.unit_id(PLANT_HOOK, PLANT_UNIT) == uid

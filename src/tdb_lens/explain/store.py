@@ -393,7 +393,8 @@ class ExplanationStore:
                         "SELECT explanation_id, method, value, nan FROM scores WHERE explanation_id IN "
                         f"({','.join('?' * len(part))})", part):
                     scores.setdefault(eid, {})[method] = math.nan if nan else value
-        return [ExplanationRow(*r, scores=scores.get(r[0], {})) for r in rows]
+        keys = ("id", "unit_id", "model", "hook", "unit", "label", "kind", "corpus", "text", "explainer")
+        return [ExplanationRow(**dict(zip(keys, r)), scores=scores.get(r[0], {})) for r in rows]
 
     def score_details(self, explanation_id: int, method: str) -> dict:
         row = self.conn.execute("SELECT details FROM scores WHERE explanation_id = ? AND method = ?",
