@@ -28,7 +28,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -207,7 +207,7 @@ class Corpus:
                 "fingerprint": self.fingerprint, **self.params}
 
 
-def _tokenizer_of(model_or_tokenizer):
+def _tokenizer_of(model_or_tokenizer: Any) -> Any:
     tok = getattr(model_or_tokenizer, "tokenizer", None)
     if tok is None and hasattr(model_or_tokenizer, "encode"):
         tok = model_or_tokenizer
@@ -217,7 +217,7 @@ def _tokenizer_of(model_or_tokenizer):
 
 
 def build_corpus(
-    model_or_tokenizer,
+    model_or_tokenizer: Any,
     source: Union[str, os.PathLike, Sequence[str], None] = None,
     ctx_len: int = 64,
     n_windows: Optional[int] = None,

@@ -61,7 +61,7 @@ class ActivationStore:
 
     def __init__(
         self,
-        model,
+        model: Any,
         hook_name: str,
         tokens: Int[torch.Tensor, "n_seq ctx"],
         batch_size: int = 4096,
@@ -148,10 +148,10 @@ class ActivationStore:
         self._pos += self.batch_size
         return out
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[Float[torch.Tensor, "batch_size d_in"]]:
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> Float[torch.Tensor, "batch_size d_in"]:
         return self.next_batch()
 
     # ---- resuming ---------------------------------------------------------------------------
@@ -183,10 +183,10 @@ class CachedActivations:
     def batches_per_epoch(self) -> int:
         return len(self.activations) // self.batch_size
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[Float[torch.Tensor, "batch_size d_in"]]:
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> Float[torch.Tensor, "batch_size d_in"]:
         epoch, i = divmod(self.batches_read, self.batches_per_epoch)
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)

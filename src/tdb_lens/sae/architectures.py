@@ -27,11 +27,11 @@ class StandardSAE(SAE):
     architecture = "standard"
     resamples_dead_latents = True
 
-    def activation(self, pre: Float[torch.Tensor, "*lead d_sae"]) -> Float[torch.Tensor, "*lead d_sae"]:
+    def activation(self, pre: Float[torch.Tensor, "... d_sae"]) -> Float[torch.Tensor, "... d_sae"]:
         return F.relu(pre)
 
     def train_penalty(self, fwd: TrainForward, err: Float[torch.Tensor, "batch d_in"],
-                      ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+                      ctx: StepContext) -> tuple[Float[torch.Tensor, ""], dict[str, float]]:
         coef = ctx.cfg.l1_coefficient
         if ctx.cfg.l1_warmup_steps and ctx.step < ctx.cfg.l1_warmup_steps:
             coef *= (ctx.step + 1) / ctx.cfg.l1_warmup_steps
@@ -83,12 +83,12 @@ class TopKSAE(SAE):
         assert self.cfg.k is not None  # check_config
         return self.cfg.k
 
-    def activation(self, pre: Float[torch.Tensor, "*lead d_sae"]) -> Float[torch.Tensor, "*lead d_sae"]:
+    def activation(self, pre: Float[torch.Tensor, "... d_sae"]) -> Float[torch.Tensor, "... d_sae"]:
         vals, idx = pre.topk(self.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter(-1, idx, F.relu(vals))
 
-    def decode_rows(self, idx: Int[torch.Tensor, "*lead n"],
-                    weights: Float[torch.Tensor, "*lead n"]) -> Float[torch.Tensor, "*lead d_in"]:
+    def decode_rows(self, idx: Int[torch.Tensor, "... n"],
+                    weights: Float[torch.Tensor, "... n"]) -> Float[torch.Tensor, "... d_in"]:
         """``Σ_j weights[..., j] W_dec[idx[..., j]]`` (no bias), reading only those decoder rows."""
         n = idx.shape[-1]
         dec = F.embedding_bag(idx.reshape(-1, n), self.W_dec, per_sample_weights=weights.reshape(-1, n), mode="sum")
@@ -97,7 +97,7 @@ class TopKSAE(SAE):
     def _sparse(self) -> bool:
         return not self.cfg.rescale_acts_by_decoder_norm
 
-    def decode_pre(self, pre: Float[torch.Tensor, "*lead d_sae"]) -> Float[torch.Tensor, "*lead d_in"]:
+    def decode_pre(self, pre: Float[torch.Tensor, "... d_sae"]) -> Float[torch.Tensor, "... d_in"]:
         if not self._sparse():
             return super().decode_pre(pre)
         vals, idx = pre.topk(self.k, dim=-1, sorted=False)
@@ -120,7 +120,7 @@ class TopKSAE(SAE):
                             (vals > 0).float().sum(-1).mean())
 
     def train_penalty(self, fwd: TrainForward, err: Float[torch.Tensor, "batch d_in"],
-                      ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+                      ctx: StepContext) -> tuple[Float[torch.Tensor, ""], dict[str, float]]:
         """AuxK: ``mean_b ||e_b - ê_b||²`` with ``e`` the (detached) residual error and ``ê`` decoded
         (no bias) from the ``aux_k`` largest pre-activations among dead latents."""
         n_dead = int(ctx.dead.sum())
@@ -148,7 +148,7 @@ class JumpReLUSAE(SAE):
     def _init_extra_params(self, dtype: torch.dtype, device: torch.device | str | None) -> None:
         self.threshold = nn.Parameter(torch.zeros(self.cfg.d_sae, dtype=dtype, device=device))
 
-    def activation(self, pre: Float[torch.Tensor, "*lead d_sae"]) -> Float[torch.Tensor, "*lead d_sae"]:
+    def activation(self, pre: Float[torch.Tensor, "... d_sae"]) -> Float[torch.Tensor, "... d_sae"]:
         return F.relu(pre) * (pre > self.threshold).to(pre.dtype)
 
     @torch.no_grad()

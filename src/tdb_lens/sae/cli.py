@@ -83,7 +83,7 @@ class UsageError(Exception):
     """A bad argument or input: `main` prints it as one line and exits with status 2."""
 
 
-def _at_least(args: argparse.Namespace, name: str, low: float, why: str = "") -> None:
+def _at_least(args: argparse.Namespace, name: str, low: int | float, why: str = "") -> None:
     value = getattr(args, name.lstrip("-").replace("-", "_"))
     if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low):
         raise UsageError(f"{name} must be >= {low:g}{why}, got {value}")

@@ -152,7 +152,8 @@ def summary(metrics: dict[str, Any]) -> dict[str, Any]:
             for k, v in metrics.items() if k != "latent_density"}
 
 
-def plot_latent_density(density: torch.Tensor, path: str | os.PathLike, title: str = "SAE latent density") -> Path:
+def plot_latent_density(density: Float[torch.Tensor, " d_sae"], path: str | os.PathLike,
+                        title: str = "SAE latent density") -> Path:
     """Histogram of log10 firing frequency per latent (dead latents in their own bar), as a PNG."""
     import matplotlib
 

@@ -98,7 +98,7 @@ def config_from_openai(sd: Mapping[str, Any], where: str = "state dict", k: Opti
 
 
 def sae_from_openai(sd: Mapping[str, Any], where: str = "state dict", k: Optional[int] = None,
-                    hook_name: Optional[str] = None, device=None) -> SAE:
+                    hook_name: Optional[str] = None, device: str | torch.device | None = None) -> SAE:
     """An SAE from an OpenAI ``Autoencoder`` state dict (already loaded)."""
     cfg = config_from_openai(sd, where, k, hook_name)
     unknown = sorted(set(map(str, sd)) - _KNOWN)
@@ -126,7 +126,7 @@ def sae_from_openai(sd: Mapping[str, Any], where: str = "state dict", k: Optiona
 
 
 def load_openai(path: Union[str, os.PathLike], k: Optional[int] = None, hook_name: Optional[str] = None,
-                device=None) -> SAE:
+                device: str | torch.device | None = None) -> SAE:
     """Load an OpenAI sparse_autoencoder / Transformer Debugger ``.pt`` state dict."""
     return sae_from_openai(read_state_dict(path), str(path), k, hook_name, device)
 

@@ -152,11 +152,11 @@ class SAE(HookedRootModule):
     def _init_extra_params(self, dtype: torch.dtype, device: torch.device | str | None) -> None:
         """Create the parameters beyond ``W_enc, b_enc, W_dec, b_dec`` (none by default)."""
 
-    def activation(self, pre: Float[torch.Tensor, "*lead d_sae"]) -> Float[torch.Tensor, "*lead d_sae"]:
+    def activation(self, pre: Float[torch.Tensor, "... d_sae"]) -> Float[torch.Tensor, "... d_sae"]:
         """Latents from pre-activations."""
         raise NotImplementedError
 
-    def decode_pre(self, pre: Float[torch.Tensor, "*lead d_sae"]) -> Float[torch.Tensor, "*lead d_in"]:
+    def decode_pre(self, pre: Float[torch.Tensor, "... d_sae"]) -> Float[torch.Tensor, "... d_in"]:
         """``decode_normalized(activation(pre))``; an architecture may compute it more cheaply."""
         return self.decode_normalized(self.activation(pre))
 
@@ -172,7 +172,7 @@ class SAE(HookedRootModule):
                             (acts > 0).float().sum(-1).mean())
 
     def train_penalty(self, fwd: TrainForward, err: Float[torch.Tensor, "batch d_in"],
-                      ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+                      ctx: StepContext) -> tuple[Float[torch.Tensor, ""], dict[str, float]]:
         """The loss added to the reconstruction error (sparsity, auxiliary terms) and its stats."""
         raise NotImplementedError
 
@@ -233,7 +233,7 @@ class SAE(HookedRootModule):
             )
         return x
 
-    def normalize(self, x: Float[torch.Tensor, "*lead d_in"]) -> tuple[Float[torch.Tensor, "*lead d_in"], NormState]:
+    def normalize(self, x: Float[torch.Tensor, "... d_in"]) -> tuple[Float[torch.Tensor, "... d_in"], NormState]:
         """Apply the input normalisation; return the normalised input and what undoes it."""
         mode = self.cfg.normalize_activations
         if mode == "none":
@@ -251,7 +251,7 @@ class SAE(HookedRootModule):
         return x * coeff, (None, 1.0 / coeff)
 
     @staticmethod
-    def denormalize(y: Float[torch.Tensor, "*lead d_in"], state: NormState) -> Float[torch.Tensor, "*lead d_in"]:
+    def denormalize(y: Float[torch.Tensor, "... d_in"], state: NormState) -> Float[torch.Tensor, "... d_in"]:
         """Undo `normalize` on a reconstruction."""
         if state is None:
             return y
@@ -260,7 +260,7 @@ class SAE(HookedRootModule):
             y = y * scale
         return y if shift is None else y + shift
 
-    def pre_acts(self, x_norm: Float[torch.Tensor, "*lead d_in"]) -> Float[torch.Tensor, "*lead d_sae"]:
+    def pre_acts(self, x_norm: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_sae"]:
         """Pre-activations of an already-normalised input."""
         if self.cfg.apply_b_dec_to_input:
             x_norm = x_norm - self.b_dec
@@ -269,21 +269,21 @@ class SAE(HookedRootModule):
             pre = pre * self.W_dec.norm(dim=-1)
         return pre
 
-    def decode_normalized(self, latents: Float[torch.Tensor, "*lead d_sae"]) -> Float[torch.Tensor, "*lead d_in"]:
+    def decode_normalized(self, latents: Float[torch.Tensor, "... d_sae"]) -> Float[torch.Tensor, "... d_in"]:
         """``latents @ W_dec + b_dec``: the reconstruction in the normalised space."""
         if self.cfg.rescale_acts_by_decoder_norm:
             latents = latents / self.W_dec.norm(dim=-1)
         return latents @ self.W_dec + self.b_dec
 
     # ---- public -----------------------------------------------------------------------------
-    def encode(self, x: Float[torch.Tensor, "*lead d_in"]) -> Float[torch.Tensor, "*lead d_sae"]:
+    def encode(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_sae"]:
         """Latents of ``x`` (no hooks run)."""
         x = self._check_width(x).to(self.dtype)
         return self.activation(self.pre_acts(self.normalize(x)[0]))
 
     def decode(
-        self, latents: Float[torch.Tensor, "*lead d_sae"], norm_state: NormState = None
-    ) -> Float[torch.Tensor, "*lead d_in"]:
+        self, latents: Float[torch.Tensor, "... d_sae"], norm_state: NormState = None
+    ) -> Float[torch.Tensor, "... d_in"]:
         """Reconstruction from latents (no hooks run). For SAEs that normalise their input, pass the
         ``norm_state`` from `normalize` to get the reconstruction in the input's units."""
         if latents.shape[-1] != self.cfg.d_sae:
@@ -291,19 +291,19 @@ class SAE(HookedRootModule):
         return self.denormalize(self.decode_normalized(latents.to(self.dtype)), norm_state)
 
     def encode_decode(
-        self, x: Float[torch.Tensor, "*lead d_in"]
-    ) -> tuple[Float[torch.Tensor, "*lead d_sae"], Float[torch.Tensor, "*lead d_in"]]:
+        self, x: Float[torch.Tensor, "... d_in"]
+    ) -> tuple[Float[torch.Tensor, "... d_sae"], Float[torch.Tensor, "... d_in"]]:
         """(latents, reconstruction in the input's units), no hooks run."""
         x = self._check_width(x).to(self.dtype)
         xn, state = self.normalize(x)
         latents = self.activation(self.pre_acts(xn))
         return latents, self.denormalize(self.decode_normalized(latents), state)
 
-    def reconstruct(self, x: Float[torch.Tensor, "*lead d_in"]) -> Float[torch.Tensor, "*lead d_in"]:
+    def reconstruct(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_in"]:
         """The reconstruction of ``x`` in its own units (no hooks run)."""
         return self.encode_decode(x)[1]
 
-    def forward(self, x: Float[torch.Tensor, "*lead d_in"]) -> Float[torch.Tensor, "*lead d_in"]:
+    def forward(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_in"]:
         """The hooked pass: reconstruction (plus the error term when ``use_error_term``).
 
         The SAE runs once. When hooks edit the latents, the clean reconstruction for the error

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from jaxtyping import Float
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -125,7 +127,8 @@ def _param_names(cfg: SAEConfig) -> tuple[str, ...]:
     return architecture_class(cfg.architecture).param_names
 
 
-def sae_from_tensors(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: str, device=None) -> SAE:
+def sae_from_tensors(cfg: SAEConfig, tensors: Mapping[str, Float[torch.Tensor, "*shape"]], where: str,
+                     device: str | torch.device | None = None) -> SAE:
     """Build an SAE from SAELens-named tensors, checking names and shapes first."""
     shapes = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in),
               "b_dec": (cfg.d_in,), "threshold": (cfg.d_sae,)}
@@ -182,7 +185,8 @@ def _atomic_write(path: Path, write) -> None:
             tmp.unlink()
 
 
-def save_saelens(sae: SAE, path: str | os.PathLike, extra_tensors_file: Optional[dict[str, torch.Tensor]] = None) -> Path:
+def save_saelens(sae: SAE, path: str | os.PathLike,
+                 extra_tensors_file: Optional[Mapping[str, Float[torch.Tensor, "*shape"]]] = None) -> Path:
     """Write ``sae`` as an SAELens folder (each file written atomically). Returns the folder."""
     folder = Path(path)
     d = config_to_saelens(sae.cfg)  # raises before anything is written
@@ -190,7 +194,7 @@ def save_saelens(sae: SAE, path: str | os.PathLike, extra_tensors_file: Optional
     tensors = {n: getattr(sae, n).detach().contiguous().cpu() for n in _param_names(sae.cfg)}
     _atomic_write(folder / WEIGHTS_FILENAME, lambda p: save_file(tensors, str(p)))
     if extra_tensors_file:
-        _atomic_write(folder / SPARSITY_FILENAME, lambda p: save_file(extra_tensors_file, str(p)))
+        _atomic_write(folder / SPARSITY_FILENAME, lambda p: save_file(dict(extra_tensors_file), str(p)))
 
     def write_cfg(p: Path) -> None:
         with open(p, "w", encoding="utf-8") as f:

@@ -37,10 +37,10 @@ class PlantedFeatures:
         mags = torch.empty(n, f).uniform_(self.min_magnitude, self.max_magnitude, generator=g)
         return (active * mags) @ self.directions
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[Float[torch.Tensor, "batch d_in"]]:
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> Float[torch.Tensor, "batch d_in"]:
         b = self.batch(self.batches_read)
         self.batches_read += 1
         return b
@@ -53,7 +53,8 @@ class PlantedFeatures:
 
 
 @torch.no_grad()
-def recovered_fraction(sae: SAE, directions: torch.Tensor, threshold: float = 0.9) -> tuple[float, torch.Tensor]:
+def recovered_fraction(sae: SAE, directions: Float[torch.Tensor, "n_features d_in"],
+                       threshold: float = 0.9) -> tuple[float, Float[torch.Tensor, " n_features"]]:
     """Fraction of true directions whose best-matching decoder row has cosine >= ``threshold``,
     and each direction's best cosine."""
     W = sae.W_dec.detach().float()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from jaxtyping import Bool, Float
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -58,7 +59,7 @@ class SAETrainer:
     ``out_dir``. With ``resume`` an existing checkpoint there is picked up.
     """
 
-    def __init__(self, sae: SAE, cfg: TrainConfig, activations: Iterator[torch.Tensor],
+    def __init__(self, sae: SAE, cfg: TrainConfig, activations: Iterator[Float[torch.Tensor, "batch d_in"]],
                  out_dir: Optional[str | os.PathLike] = None, resume: bool = True, progress: bool = True,
                  on_log: Optional[Callable[[dict], None]] = None) -> None:
         if not sae.trainable:
@@ -124,7 +125,8 @@ class SAETrainer:
             lr *= max(0.0, (self.n_steps - s) / max(1, self.n_steps - decay_start))
         return lr
 
-    def dead_mask(self) -> torch.Tensor:
+    def dead_mask(self) -> Bool[torch.Tensor, " d_sae"]:
+        """Latents that have not fired for ``dead_after`` training activations."""
         return self.since_fired >= self.cfg.dead_after
 
     def _loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
@@ -143,7 +145,8 @@ class SAETrainer:
             stats["l0"] = float(fwd.l0)
         return mse + penalty, stats, fwd.fired
 
-    def train_step(self, x: torch.Tensor) -> dict[str, float]:
+    def train_step(self, x: Float[torch.Tensor, "batch d_in"]) -> dict[str, float]:
+        """One optimiser step on a (scaled) batch; returns its stats."""
         sae = self.sae
         for group in self.optim.param_groups:
             group["lr"] = self._lr()
@@ -164,7 +167,7 @@ class SAETrainer:
 
     # ---- resampling (standard SAEs) ---------------------------------------------------------
     @torch.no_grad()
-    def resample_dead(self, x: torch.Tensor) -> int:
+    def resample_dead(self, x: Float[torch.Tensor, "batch d_in"]) -> int:
         """Re-initialise latents that have not fired since the last resampling (or are dead), for
         architectures that resample (`SAE.reinit_latents`); their Adam moments start again at 0."""
         sae = self.sae
@@ -315,7 +318,7 @@ def _atomic_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def train_sae(activations: Iterator[torch.Tensor], sae_cfg: SAEConfig, train_cfg: TrainConfig,
+def train_sae(activations: Iterator[Float[torch.Tensor, "batch d_in"]], sae_cfg: SAEConfig, train_cfg: TrainConfig,
               out_dir: Optional[str | os.PathLike] = None, resume: bool = True, progress: bool = True,
               sae: Optional[SAE] = None) -> SAE:
     """Train an SAE (a fresh one from ``sae_cfg`` seeded with ``train_cfg.seed``, unless ``sae`` is
