@@ -9,7 +9,7 @@
 
     .venv/bin/python bench/bench_sae.py [--threads N] [--quick]
 
-Prints a table and writes bench/results/bench_sae.json. Times are medians of repeated runs.
+Prints a table and writes bench/results/bench_sae.json (or --out). Times are medians of repeated runs.
 """
 
 from __future__ import annotations
@@ -177,6 +177,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+    ap.add_argument("--out", default=str(Path(__file__).with_name("results") / "bench_sae.json"),
+                    help="results file (default bench/results/bench_sae.json, which the README quotes)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -186,8 +188,8 @@ def main() -> None:
     rwc = bench_run_with_cache(model_kw, d_sae=3072, k=32, hook="blocks.2.hook_resid_post",
                                batch=4 if q else 8, ctx=128, reps=3 if q else 5)
     out = {"torch_threads": torch.get_num_threads(), "training": train, "run_with_cache": rwc}
-    Path(__file__).with_name("results").mkdir(exist_ok=True)
-    Path(__file__).with_name("results").joinpath("bench_sae.json").write_text(json.dumps(out, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"torch threads: {out['torch_threads']}")
     print(f"training (TopK d_in={train['d_in']} d_sae={train['d_sae']} k={train['k']} batch={train['batch']}, AuxK on):")
     print(f"  tdb_lens {train['tdb_lens_acts_per_s']:10.0f} act/s   sae_lens {train['sae_lens_acts_per_s']:10.0f} act/s"

@@ -227,3 +227,72 @@ def test_topk_forward_without_latent_hooks_decodes_sparsely_and_matches():
     xg = x.clone().requires_grad_(True)
     (sae(xg) * g).sum().backward()  # gradients reach the input through the sparse decode
     assert xg.grad is not None and xg.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------- architectures as classes
+
+
+@pytest.mark.parametrize("arch, cls_name", [("standard", "StandardSAE"), ("topk", "TopKSAE"),
+                                            ("jumprelu", "JumpReLUSAE")])
+def test_sae_builds_the_architecture_class(arch, cls_name):
+    import copy
+
+    from tdb_lens.sae import architectures
+
+    sae = random_sae(arch)
+    cls = getattr(architectures, cls_name)
+    assert type(sae) is cls and isinstance(sae, SAE) and cls.architecture == arch
+    # a subclass built directly, a clone and a deep copy are the same class and compute the same
+    direct = cls(SAEConfig.from_dict(sae.cfg.to_dict()))
+    direct.load_state_dict(sae.state_dict())
+    x = torch.randn(4, 12)
+    for other in (direct, sae.clone(), copy.deepcopy(sae)):
+        assert type(other) is cls
+        torch.testing.assert_close(other.encode_decode(x)[1], sae.encode_decode(x)[1], atol=0, rtol=0)
+    assert ("threshold" in dict(sae.named_parameters())) == (arch == "jumprelu")
+    assert sorted(sae.state_dict()) == sorted(cls.param_names)
+
+
+def test_a_class_refuses_another_architectures_config():
+    from tdb_lens.sae.architectures import TopKSAE
+
+    with pytest.raises(ValueError, match="TopKSAE needs architecture='topk'"):
+        TopKSAE(SAEConfig(d_in=4, d_sae=8))
+
+
+def test_jumprelu_is_not_trained_and_says_so():
+    from tdb_lens.sae import TrainConfig
+    from tdb_lens.sae.training import SAETrainer
+
+    with pytest.raises(ValueError, match="training supports standard and topk SAEs; jumprelu SAEs"):
+        SAETrainer(random_sae("jumprelu"), TrainConfig(), iter([]))
+
+
+def test_topk_decodes_the_active_rows_only():
+    """The sparse decode (one implementation, used by the hooked forward, training and AuxK) equals
+    the dense product of the TopK latents with the decoder."""
+    sae = random_sae("topk", d_sae=64)
+    pre = torch.randn(2, 3, 64)
+    vals, idx = pre.topk(5, dim=-1)
+    dense = torch.zeros_like(pre).scatter(-1, idx, vals) @ sae.W_dec
+    torch.testing.assert_close(sae.decode_rows(idx, vals), dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sae.decode_pre(pre), sae.decode_normalized(sae.activation(pre)), atol=1e-5, rtol=1e-5)
+
+
+def test_dependencies_point_down():
+    """Loading a model never imports the SAE package, and the SAE package never imports explain."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tdb_lens, tdb_lens.models, tdb_lens.models.engine; "
+            "assert not [m for m in sys.modules if m.startswith('tdb_lens.sae')], 'models imported sae'; "
+            "import tdb_lens.sae, tdb_lens.sae.cli, tdb_lens.sae.training, tdb_lens.sae.evaluation, "
+            "tdb_lens.sae.corpus, tdb_lens.sae.loading, tdb_lens.sae.hub; "
+            "bad = [m for m in sys.modules if m.startswith('tdb_lens.explain')]; assert not bad, bad; "
+            "from tdb_lens.models.gpt2 import GPT2Config, HookedGPT2; "
+            "m = HookedGPT2.from_config(GPT2Config(n_layers=1, n_heads=1, d_model=4, d_mlp=8, d_vocab=10, n_ctx=4)); "
+            "from tdb_lens.sae import SAE, SAEConfig; "
+            "m.add_sae(SAE(SAEConfig(d_in=4, d_sae=8)), 'blocks.0.hook_resid_post'); "
+            "assert list(m.attached_saes) == ['blocks.0.hook_resid_post']; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
