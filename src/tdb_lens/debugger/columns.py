@@ -124,6 +124,14 @@ def _dot_or_nan(x: torch.Tensor, g: Optional[torch.Tensor]) -> torch.Tensor:
     return torch.full(x.shape[:-1], float("nan")) if g is None else (x.float() * g.float()).sum(-1)
 
 
+def _live_dot(g: torch.Tensor, W: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """``g @ W.T`` ``[b, P, n]`` computed only at the positions where the gradient is not zero
+    (the logit objective reads one position: the others are exactly zero)."""
+    out = torch.zeros(g.shape[0], g.shape[1], W.shape[0])
+    out[:, live] = g[:, live].float() @ W.T
+    return out
+
+
 def _head_family(model, acts, grads, g: Optional[torch.Tensor], upstream: Callable[[float], bool]) -> Family:
     cols: dict[str, list[torch.Tensor]] = {c: [] for c in COLUMNS}
     for l in range(model.cfg.n_layers):
@@ -136,7 +144,10 @@ def _head_family(model, acts, grads, g: Optional[torch.Tensor], upstream: Callab
         if g is None:
             cols["direct_effect"].append(torch.full_like(pat, float("nan")))
         elif upstream(2 * l + 1):
-            cols["direct_effect"].append(pat * torch.einsum("bhkm,bqm->bhqk", vW, g.float()))
+            live = (g != 0).any(-1).any(0)
+            de = torch.zeros_like(pat)
+            de[:, :, live] = pat[:, :, live] * torch.einsum("bhkm,bqm->bhqk", vW, g[:, live].float())
+            cols["direct_effect"].append(de)
         else:
             cols["direct_effect"].append(torch.zeros_like(pat))
         cols["total_effect"].append(pat * grads[model.hook_name("pattern", l)].float())
@@ -156,7 +167,7 @@ def _neuron_family(model, acts, grads, g: Optional[torch.Tensor], upstream: Call
         if g is None:
             cols["direct_effect"].append(torch.full_like(post, float("nan")))
         elif upstream(2 * l + 2):
-            cols["direct_effect"].append(post * (g.float() @ W_out.T))
+            cols["direct_effect"].append(post * _live_dot(g, W_out, (g != 0).any(-1).any(0)))
         else:
             cols["direct_effect"].append(torch.zeros_like(post))
         cols["total_effect"].append(post * grads[model.hook_name("post", l)].float())
@@ -174,7 +185,7 @@ def _sae_families(model, acts, grads, g: Optional[torch.Tensor], upstream: Calla
         if g is None or W_dec.shape[-1] != model.cfg.d_model or math.isnan(where):
             de = torch.full_like(a, float("nan"))
         else:
-            de = a * (g.float() @ W_dec.T) if upstream(where) else torch.zeros_like(a)
+            de = a * _live_dot(g, W_dec, (g != 0).any(-1).any(0)) if upstream(where) else torch.zeros_like(a)
         values = {"activation": a, "write_magnitude": a.abs() * W_dec.norm(dim=-1), "direct_effect": de,
                   "total_effect": a * grads[name].float()}
         out.append(Family(f"sae:{site}", values, (lambda s: lambda i: Node.sae_latent(s, i[1], i[0]))(site)))
