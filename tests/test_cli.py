@@ -163,3 +163,13 @@ def test_hooks_layer_out_of_range(capsys, monkeypatch):
     monkeypatch.setattr(tdb_lens.loading, "load", lambda name: (_ for _ in ()).throw(FileNotFoundError("no file x")))
     assert main(["hooks", "--model", "x.gguf"]) == 1
     one_line_error(capsys, "cannot load model 'x.gguf'")
+
+
+def test_explain_config_check_accepts_every_unit_form(tmp_path):
+    """The pre-load check reads ``all`` / ``active:N`` / ``random:N`` without building unit lists
+    (it once built a list of 2**40 units for ``active:1``)."""
+    from tdb_lens.explain import ExplainConfig
+
+    for spec in ("all", "active:5", "random:3", "0-3,7", "0-1000000000"):
+        ExplainConfig(hook="blocks.0.mlp.hook_post", units=spec, db=str(tmp_path / "e.db")).check()
+    assert not (tmp_path / "e.db").exists()

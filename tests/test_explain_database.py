@@ -89,8 +89,9 @@ def test_rerun_is_idempotent_and_writes_are_atomic(tmp_path):
         store.add_explanation(uid, Explanation("towns", "llm:x", 3, settings="prompt=2"))
         assert store.counts()["explanations"] == 2
         # a bad score aborts the whole write: no explanation without its scores
-        with pytest.raises(ValueError, match="score 'detection' must be a number"):
-            store.add_explanation(uid, Explanation("x", "llm:y", 3), {"correlation": 0.1, "detection": "high"})
+        with pytest.raises(TypeError, match="cannot store object as JSON"):
+            store.add_explanation(uid, Explanation("x", "llm:y", 3),
+                                  {"correlation": 0.1, "detection": 0.2, "detection_details": {"x": object()}})
         assert store.counts()["explanations"] == 2 and not store.explanations(explainer="llm:y")
 
 

@@ -40,6 +40,29 @@ LOCAL_EXPLAINERS = ("local", "top-tokens")
 EXPLAIN_BATCH = 8  # explanations explained, scored and stored together (a kill loses at most one batch)
 
 
+def check_units_spec(spec: str) -> None:
+    """Check the syntax of a ``--units`` spec without a model (ranges are checked by `parse_units`)."""
+    spec = spec.strip()
+    if spec == "all":
+        return
+    if spec.startswith(("active:", "random:")):
+        _count(spec, spec.split(":", 1)[0])
+        return
+    ranges = sorted((_unit_range(part.strip()) for part in spec.split(",")), key=lambda r: r.start)
+    if any(r.start < prev.stop for prev, r in zip(ranges, ranges[1:])):
+        raise ValueError(f"--units {spec!r} names a unit twice")
+
+
+def _unit_range(part: str) -> range:
+    m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+    if m is None:
+        raise ValueError(f"--units: cannot read {part!r} (use 0-31, 0,5,9, random:32, active:32 or all)")
+    a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+    if b < a:
+        raise ValueError(f"--units: {part!r} is an empty range (write low-high)")
+    return range(a, b + 1)
+
+
 def parse_units(spec: str, n_units: int, seed: int = 0) -> list[int]:
     """``0-31``, ``0,5,9``, ``3``, ``random:32`` (seeded), ``all``; checked against ``n_units``.
     (``active:N``, N random units among those that fire on the corpus, is resolved after harvesting.)"""
@@ -55,14 +78,10 @@ def parse_units(spec: str, n_units: int, seed: int = 0) -> list[int]:
         return sorted(random.Random(seed).sample(range(n_units), n))
     out: list[int] = []
     for part in spec.split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if m is None:
-            raise ValueError(f"--units: cannot read {part!r} (use 0-31, 0,5,9, random:32, active:32 or all)")
-        a, b = int(m.group(1)), int(m.group(2) or m.group(1))
-        if b < a:
-            raise ValueError(f"--units: {part!r} is an empty range (write low-high)")
-        out += list(range(a, b + 1))
+        r = _unit_range(part.strip())
+        if r.stop > n_units:
+            raise ValueError(f"--units: {part.strip()!r} out of range, the hook has {n_units} units")
+        out += list(r)
     bad = [u for u in out if not 0 <= u < n_units]
     if bad:
         raise ValueError(f"--units: {bad[:5]} out of range, the hook has {n_units} units")
@@ -120,7 +139,7 @@ class ExplainConfig:
                           ("explain_tokens", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
-        parse_units(self.units, 1 << 40, self.seed)  # syntax and counts; the range is checked on the model
+        check_units_spec(self.units)  # syntax and counts; the range is checked on the model
         if not self.explainers:
             raise ValueError("--explainer names no explainer")
         for spec in self.explainers:
