@@ -343,8 +343,8 @@ def _worker_dirs(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("worker-*-of-*") if (p / "state.safetensors").exists())
 
 
-def _read_wmax(directories: Sequence[str], n_windows: int, cols: Optional[torch.Tensor],
-               done_starts: set) -> torch.Tensor:
+def _read_wmax(directories: Sequence[str], n_windows: int, cols: Optional[Int[torch.Tensor, " col"]],
+               done_starts: set) -> Float[torch.Tensor, "n_windows col"]:
     """Window scores from the per-batch files (NaN where no finished batch covers a window).
 
     Only batches whose start is in ``done_starts`` (finished according to a worker's state)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from jaxtyping import Float, Int
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -47,7 +48,8 @@ class HarvestConfig:
 
 
 # ---- deterministic priorities ----------------------------------------------------------------
-def priorities(seed: int, windows: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+def priorities(seed: int, windows: Int[torch.Tensor, " window"], units: Int[torch.Tensor, " unit"]
+               ) -> Int[torch.Tensor, "window unit"]:
     """``[len(windows), len(units)]`` pseudo-random int64 in ``[0, 2**31)``; a pure function of its inputs."""
     w = (windows.to(torch.int64)[:, None] & 0x3FFFFFFF) * 0x9E3779B1 & _M32
     u = (units.to(torch.int64)[None, :] & 0x3FFFFFFF) * 0x85EBCA6B & _M32
@@ -60,7 +62,7 @@ def priorities(seed: int, windows: torch.Tensor, units: torch.Tensor) -> torch.T
     return x & 0x7FFFFFFF
 
 
-def random_window_ids(n_windows: int, n_random: int, seed: int) -> torch.Tensor:
+def random_window_ids(n_windows: int, n_random: int, seed: int) -> Int[torch.Tensor, " n_random"]:
     g = torch.Generator().manual_seed(seed + 7919)
     return torch.randperm(n_windows, generator=g)[: min(n_random, n_windows)].sort().values
 
@@ -118,7 +120,8 @@ class _State:
         return cls(**tensors, done=json.loads(meta.get("done", "[]")))
 
     # -- updates --------------------------------------------------------------------------------
-    def update_top(self, val: torch.Tensor, win: torch.Tensor, acts: torch.Tensor) -> None:
+    def update_top(self, val: Float[torch.Tensor, "unit m"], win: Int[torch.Tensor, "unit m"],
+                   acts: Float[torch.Tensor, "unit m ctx"]) -> None:
         """Merge candidates ``val/win [n, m]``, ``acts [n, m, C]`` into the top-k."""
         k = self.top_val.shape[1]
         cv = torch.cat([self.top_val, val], 1)
@@ -132,7 +135,8 @@ class _State:
         ca = torch.cat([self.top_acts, acts], 1)
         self.top_acts = ca.gather(1, idx[:, :, None].expand(-1, -1, ca.shape[2]))
 
-    def update_sample(self, key: torch.Tensor, val: torch.Tensor, acts: torch.Tensor) -> None:
+    def update_sample(self, key: Int[torch.Tensor, "unit m"], val: Float[torch.Tensor, "unit m"],
+                      acts: Float[torch.Tensor, "unit m ctx"]) -> None:
         S = self.samp_key.shape[1]
         ck = torch.cat([self.samp_key, key], 1)
         idx = torch.argsort(ck, dim=1, stable=True)[:, :S]

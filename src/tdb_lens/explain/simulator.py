@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Optional
 
 import torch
+from jaxtyping import Float
 from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
@@ -164,7 +165,7 @@ class LikelihoodSimulator:
         self.name = f"likelihood:{getattr(model, 'name', None) or type(model).__name__}"
 
     @torch.no_grad()
-    def word_log_probs(self, prefix: str, words: Sequence[str]) -> torch.Tensor:
+    def word_log_probs(self, prefix: str, words: Sequence[str]) -> Float[torch.Tensor, " word"]:
         """``[len(words)]``: ``log P(" " + word | prefix)`` summed over the word's tokens."""
         from ..models.components import KVCache
 
@@ -195,7 +196,7 @@ class LikelihoodSimulator:
                 out[i] += lp[torch.arange(n), torch.tensor(wids[i][1:])].sum()
         return out
 
-    def _neutral_lp(self, neutral: str, words: Sequence[str]) -> torch.Tensor:
+    def _neutral_lp(self, neutral: str, words: Sequence[str]) -> Float[torch.Tensor, " word"]:
         missing = [w for w in words if (neutral, w) not in self._neutral]
         if missing:
             for w, v in zip(missing, self.word_log_probs(neutral, missing).tolist()):

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from jaxtyping import Float
 
 from .explainer import Explanation
 from .harvest import UnitRecord
@@ -425,7 +426,7 @@ class ExplanationStore:
                 for t in ("units", "examples", "explanations", "scores", "embeddings")}
 
     # ---- embeddings (for search) -------------------------------------------------------------
-    def embeddings(self, explanation_ids: Iterable[int], embedder: str) -> dict[int, torch.Tensor]:
+    def embeddings(self, explanation_ids: Iterable[int], embedder: str) -> dict[int, Float[torch.Tensor, " d"]]:
         ids = list(explanation_ids)
         out: dict[int, torch.Tensor] = {}
         for s in range(0, len(ids), 900):
@@ -436,7 +437,7 @@ class ExplanationStore:
                 out[int(eid)] = torch.frombuffer(bytearray(blob), dtype=torch.float32)[:dim].clone()
         return out
 
-    def put_embeddings(self, vectors: dict[int, torch.Tensor], embedder: str) -> None:
+    def put_embeddings(self, vectors: dict[int, Float[torch.Tensor, " d"]], embedder: str) -> None:
         with self.transaction():
             self.conn.executemany(
                 "INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?, ?)",
