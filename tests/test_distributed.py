@@ -31,7 +31,7 @@ def test_plain_process_is_rank_0_of_1_and_touches_nothing(plain):
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     assert torch.equal(d.all_reduce(x), x) and d.all_reduce(x) is not x
     assert torch.equal(d.all_gather_rows(x, n=2), x)
-    assert d.broadcast_object({"a": 1}) == {"a": 1}
+    assert d.broadcast_object({"a": 1}) == {"a": 1} and d.all_gather_object(3) == [3]
     d.barrier()
     assert list(d.shard(5)) == [0, 1, 2, 3, 4]
     assert d.progress() and not d.progress(False)
@@ -75,6 +75,7 @@ def test_two_ranks_under_torchrun_gloo_one_thread_each(tmp_path):
         assert got["summed"] == [1.0 + 2.0, 4.0]
         assert got["max"] == [1.0]
         assert got["seed"] == {"seed": 1234}
+        assert got["objects"] == [{"r": 0}, {"r": 1}]
         assert got["progress"] == (r == 0)
     # logs name the rank
     assert "[rank 0/2] hello from the helper" in proc.stderr and "[rank 1/2] hello from the helper" in proc.stderr

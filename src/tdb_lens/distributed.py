@@ -16,8 +16,8 @@ puts each rank on one device (``cuda:LOCAL_RANK`` or the CPU) and gives each ran
 CPU threads (``os.cpu_count() // LOCAL_WORLD_SIZE``, or ``OMP_NUM_THREADS`` when set, or the
 ``threads`` argument). Calling `init` again returns the same context.
 
-Collectives (`Dist.all_reduce`, `Dist.all_gather_rows`, `Dist.broadcast_object`, `Dist.barrier`)
-are identity operations in a plain process, so a caller never branches on the world size.
+Collectives (`Dist.all_reduce`, `Dist.all_gather_rows`, `Dist.all_gather_object`, `Dist.broadcast_object`,
+`Dist.barrier`) are identity operations in a plain process, so a caller never branches on the world size.
 """
 
 from __future__ import annotations
@@ -65,8 +65,9 @@ class _RankFilter(logging.Filter):
         return True
 
 
-def rank_logger(rank: int, world_size: int, name: str = "tdb_lens") -> logging.Logger:
-    """The ``name`` logger, printing ``[rank R/W] message`` to stderr (once per process)."""
+def rank_logger(rank: int, world_size: int, name: str = "tdb_lens.ranks") -> logging.Logger:
+    """The ``name`` logger (its own, not propagating to ``tdb_lens``), printing ``[rank R/W] message``
+    to stderr at INFO and above."""
     log = logging.getLogger(name)
     prefix = f"rank {rank}/{world_size}"
     if not any(getattr(h, "_tdb_rank", False) for h in log.handlers):
@@ -77,9 +78,9 @@ def rank_logger(rank: int, world_size: int, name: str = "tdb_lens") -> logging.L
         if log.level == logging.NOTSET:
             log.setLevel(logging.INFO)
         log.propagate = False
-    for h in log.handlers:
-        if getattr(h, "_tdb_rank", False):
-            h.filters = [_RankFilter(prefix)]
+    for handler in log.handlers:
+        if getattr(handler, "_tdb_rank", False):
+            handler.filters = [_RankFilter(prefix)]
     return log
 
 
@@ -155,6 +156,14 @@ class Dist:
             out = torch.cat([p[: int(s)] for p, s in zip(parts, sizes.tolist())]).to(local.device)
         if n is not None and out.shape[0] != n:
             raise ValueError(f"gathered {out.shape[0]} rows from {self.world_size} ranks, expected {n}")
+        return out
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order (JSON-able values; pickled only between our own ranks)."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
         return out
 
     def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
