@@ -153,6 +153,14 @@ def test_out_is_checked_before_work(no_model, corpus, tmp_path, capsys):
     assert "--corpus" in capsys.readouterr().err
 
 
+def test_unknown_model_is_one_line(corpus, tmp_path, capsys):
+    assert main(BASE + ["--corpus", str(corpus), "--tokens", "4096", "--out", str(tmp_path / "run"),
+                        "--model", str(tmp_path / "no-such-model")]) == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and "no-such-model" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_eval_checks_the_sae_before_loading_a_model(no_model, corpus, tmp_path, capsys):
     assert main(["eval", "--sae", str(tmp_path / "nothing"), "--corpus", str(corpus)]) == 2
     assert "--sae" in capsys.readouterr().err

@@ -184,7 +184,10 @@ def _load_model(args: argparse.Namespace) -> Any:
     from .. import load
 
     torch.manual_seed(args.seed)
-    model = load(args.model).to(args.device)
+    try:
+        model = load(args.model).to(args.device)
+    except (ValueError, OSError) as e:  # unknown name, missing or corrupt file
+        raise UsageError(f"--model {args.model}: {e}") from None
     model.eval()
     return model
 
@@ -302,7 +305,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return _train(args) if args.command == "train" else _eval(args)
     except UsageError as e:
-        print(f"tdb-lens sae {args.command}: {e}", file=sys.stderr)
+        one_line = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"tdb-lens sae {args.command}: {one_line}", file=sys.stderr)
         return 2
 
 
