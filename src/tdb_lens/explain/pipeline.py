@@ -166,7 +166,7 @@ def _check_paths(cfg: ExplainConfig) -> None:
         raise ValueError("--db is empty: give the store's file path, e.g. runs/explanations.db")
     if db.is_dir():
         raise ValueError(f"--db {db} is a directory; give a file path such as {db}/explanations.db")
-    if db.exists() and db.stat().st_size and db.read_bytes()[:16] != b"SQLite format 3\x00":
+    if db.is_file() and db.stat().st_size and _head(db) != b"SQLite format 3\x00":
         raise ValueError(f"--db {db} exists and is not an SQLite database")
     _check_parent(db, "--db")
     if cfg.harvest_dir:
@@ -179,6 +179,11 @@ def _check_paths(cfg: ExplainConfig) -> None:
     if cfg.corpus != "fortunes" and not cfg.corpus.startswith("hf:") and not Path(cfg.corpus).exists():
         raise ValueError(f"--corpus {cfg.corpus}: no such file or directory (use 'fortunes', a directory, "
                          "a .txt/.jsonl file or hf:NAME)")
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(16)
 
 
 def _check_parent(path: Path, flag: str) -> None:
