@@ -91,10 +91,9 @@ def bench_load() -> dict:
     import uvicorn
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tdb_lens.debugger.app import create_app
     from test_debugger_api import mixed_requests
     from test_debugger_support import tiny_model
-
-    from tdb_lens.debugger.app import create_app
 
     app = create_app(Investigation(tiny_model()))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))

@@ -57,24 +57,30 @@ def test_every_column_equals_the_attribution_module(setup, client):
     r = client.post("/api/table", json=STATE)
     assert r.status_code == 200
     table = r.json()
-    m = metric(model)
-    ag = act_times_grad(model, IOI, m, kinds=("embed", "head", "neuron", "sae"), include_pairs=True,
-                        freeze_final_scale=True)
-    de = direct_effects(model, IOI, m)
-    _, cache = model.run_with_cache(IOI)
-    assert close(table["objective"][0], float(de.metric[0]))
     families = {row["family"] for row in table["rows"]}
     assert {"head", "neuron", "embed", "pos_embed", f"sae:{SITE}"} <= families
+    check_columns(model, table, IOI, metric(model))
+
+
+def check_columns(model, table: dict, prompt: str, m) -> None:
+    """Every row's left values against act_times_grad / direct_effects / the cache (and, for the
+    pairs' direct effects, the formula written out)."""
+    ag = act_times_grad(model, prompt, m, kinds=("embed", "head", "neuron", "sae"), include_pairs=True,
+                        freeze_final_scale=True)
+    de = direct_effects(model, prompt, m)
+    _, cache = model.run_with_cache(prompt)
+    assert close(table["objective"][0], float(de.metric[0]))
     g = de.gradient[0]  # d metric / d final residual (final scale frozen)
     for row in table["rows"]:
         n, v = Node.parse(row["node"]), row["values"]
         assert close(v["total_effect"][0], float(ag.effect.get(n)[0])), row
         assert close(v["write_magnitude"][0], float(ag.write_norm.get(n)[0])), row
         if n.kind == "head":  # an attention pair: pattern[q, k] (v_k W_O[h]) . gradient[q], written out here
-            W_O = model.blocks[n.layer].attn.W_O[n.index]
+            attn = model.blocks[n.layer].attn
             pat = cache[n.hook_name][0, n.index, n.pos, n.key_pos]
-            vk = cache[f"blocks.{n.layer}.attn.hook_v"][0, n.key_pos, n.index]
-            assert close(v["direct_effect"][0], float(pat * (vk @ W_O) @ g[n.pos])), row
+            kv = n.index // (attn.n_heads // attn.n_kv_heads)
+            vk = cache[f"blocks.{n.layer}.attn.hook_v"][0, n.key_pos, kv]
+            assert close(v["direct_effect"][0], float(pat * (vk @ attn.W_O[n.index]) @ g[n.pos])), row
             assert close(v["activation"][0], float(pat)), row
         else:
             assert close(v["direct_effect"][0], float(de.get(n)[0])), row
