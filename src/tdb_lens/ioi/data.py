@@ -20,127 +20,26 @@ Main entry points: :meth:`IOIDataset.generate`, :meth:`IOIDataset.abc`, :meth:`I
 from __future__ import annotations
 
 import random
-import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Optional, Protocol, Union
+from typing import Optional, Union
 
 import torch
 
-ORDERS = ("ABBA", "BABA")
-
-# The paper's 15 sentence frames, in its "BABA" form (the subject [B] is named first).
-BABA_TEMPLATES: tuple[str, ...] = (
-    "Then, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to [A]",
-    "Then, [B] and [A] had a lot of fun at the [PLACE]. [B] gave a [OBJECT] to [A]",
-    "Then, [B] and [A] were working at the [PLACE]. [B] decided to give a [OBJECT] to [A]",
-    "Then, [B] and [A] were thinking about going to the [PLACE]. [B] wanted to give a [OBJECT] to [A]",
-    "Then, [B] and [A] had a long argument, and afterwards [B] said to [A]",
-    "After [B] and [A] went to the [PLACE], [B] gave a [OBJECT] to [A]",
-    "When [B] and [A] got a [OBJECT] at the [PLACE], [B] decided to give it to [A]",
-    "When [B] and [A] got a [OBJECT] at the [PLACE], [B] decided to give the [OBJECT] to [A]",
-    "While [B] and [A] were working at the [PLACE], [B] gave a [OBJECT] to [A]",
-    "While [B] and [A] were commuting to the [PLACE], [B] gave a [OBJECT] to [A]",
-    "After the lunch, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to [A]",
-    "Afterwards, [B] and [A] went to the [PLACE]. Then, [B] gave a [OBJECT] to [A]",
-    "Then, [B] and [A] had a long argument. Afterwards [B] said to [A]",
-    "The [PLACE] [B] and [A] went to had a [OBJECT]. [B] gave it to [A]",
-    "Friends [B] and [A] found a [OBJECT] at the [PLACE]. [B] gave it to [A]",
+from .metrics import accuracy, io_probability, logit_diff
+from .templates import (
+    ABBA_TEMPLATES,
+    BABA_TEMPLATES,
+    N_TEMPLATES,
+    NAMES,
+    OBJECTS,
+    ORDERS,
+    PLACES,
+    SLOT,
+    TEMPLATES,
+    resolve_tokenizer,
+    single_token_words,
 )
-
-
-def _swap_first_clause(template: str) -> str:
-    """BABA -> ABBA: swap the first [A] and the first [B] (the two names of the first clause)."""
-    a, b = template.index("[A]"), template.index("[B]")
-    lo, hi = min(a, b), max(a, b)
-    first, second = template[lo : lo + 3], template[hi : hi + 3]
-    return template[:lo] + second + template[lo + 3 : hi] + first + template[hi + 3 :]
-
-
-# The same frames with the indirect object named first.
-ABBA_TEMPLATES: tuple[str, ...] = tuple(_swap_first_clause(t) for t in BABA_TEMPLATES)
-
-TEMPLATES: dict[str, tuple[str, ...]] = {"ABBA": ABBA_TEMPLATES, "BABA": BABA_TEMPLATES}
-N_TEMPLATES = len(BABA_TEMPLATES)
-
-# 110 common English first names (before single-token filtering).
-NAMES: tuple[str, ...] = (
-    "Mary", "John", "Tom", "James", "Robert", "Michael", "William", "David", "Richard", "Joseph",
-    "Thomas", "Charles", "Daniel", "Matthew", "Anthony", "Mark", "Paul", "Steven", "Andrew", "Kevin",
-    "Brian", "George", "Edward", "Ronald", "Timothy", "Jason", "Jeffrey", "Ryan", "Jacob", "Gary",
-    "Nicholas", "Eric", "Jonathan", "Stephen", "Larry", "Justin", "Scott", "Brandon", "Benjamin", "Samuel",
-    "Frank", "Gregory", "Patrick", "Alexander", "Jack", "Dennis", "Peter", "Tyler", "Aaron", "Adam",
-    "Henry", "Nathan", "Douglas", "Zachary", "Kyle", "Walter", "Ethan", "Jeremy", "Harold", "Sean",
-    "Patricia", "Jennifer", "Linda", "Elizabeth", "Barbara", "Susan", "Jessica", "Sarah", "Karen", "Lisa",
-    "Nancy", "Betty", "Sandra", "Ashley", "Emily", "Donna", "Michelle", "Carol", "Amanda", "Melissa",
-    "Deborah", "Stephanie", "Rebecca", "Laura", "Sharon", "Cynthia", "Kathleen", "Amy", "Angela", "Anna",
-    "Rachel", "Emma", "Nicole", "Helen", "Katherine", "Christine", "Samantha", "Alice", "Grace", "Kelly",
-    "Lucy", "Kate", "Sophie", "Max", "Ben", "Dan", "Sam", "Alex", "Jane", "Rose",
-)
-
-PLACES: tuple[str, ...] = (
-    "store", "garden", "restaurant", "school", "hospital", "office", "house", "station", "park", "beach",
-    "library", "museum", "church", "airport", "market", "theater", "hotel", "bank", "zoo", "gym",
-    "farm", "cafe", "mall", "river", "lake",
-)
-
-OBJECTS: tuple[str, ...] = (
-    "ring", "kiss", "bone", "basketball", "computer", "necklace", "drink", "snack", "book", "letter",
-    "gift", "flower", "ball", "key", "cake", "hat", "watch", "phone", "bottle", "card",
-    "pen", "toy", "box", "bag", "coin",
-)
-
-_SLOT = re.compile(r"\[(A|B|PLACE|OBJECT)\]")
-
-
-class TokenizerLike(Protocol):
-    def encode(self, text: str) -> list[int]: ...
-
-
-def _check_templates() -> None:
-    for order, temps in TEMPLATES.items():
-        for i, t in enumerate(temps):
-            slots = _SLOT.findall(t)
-            if slots.count("A") != 2 or slots.count("B") != 2 or not t.endswith(" [A]"):
-                raise AssertionError(f"IOI template {order} {i} is malformed: {t!r}")
-            names = [s for s in slots if s in ("A", "B")]
-            want = ["A", "B", "B", "A"] if order == "ABBA" else ["B", "A", "B", "A"]
-            if names != want:
-                raise AssertionError(f"IOI template {order} {i} has name order {names}, expected {want}")
-
-
-_check_templates()
-
-
-def _resolve_tokenizer(model_or_tokenizer) -> TokenizerLike:
-    """A model with a ``.tokenizer`` gives that tokenizer; anything with ``encode`` is a tokenizer."""
-    tok = getattr(model_or_tokenizer, "tokenizer", None)
-    if tok is not None and callable(getattr(tok, "encode", None)):
-        return tok
-    if callable(getattr(model_or_tokenizer, "encode", None)):
-        return model_or_tokenizer
-    raise TypeError(
-        f"expected a tokenizer (an object with encode(str) -> list[int]) or a model with a .tokenizer, "
-        f"got {type(model_or_tokenizer).__name__}"
-    )
-
-
-def single_token_words(words: Iterable[str], tokenizer) -> list[str]:
-    """The words (in their given order, duplicates removed) that ``tokenizer`` encodes as exactly
-    one token when preceded by a space, e.g. ``" Mary"``."""
-    tok = _resolve_tokenizer(tokenizer)
-    out: list[str] = []
-    seen: set[str] = set()
-    for w in words:
-        if not isinstance(w, str) or not w or w != w.strip():
-            raise ValueError(f"expected non-empty words without surrounding spaces, got {w!r}")
-        if w in seen:
-            continue
-        seen.add(w)
-        if len(tok.encode(" " + w)) == 1:
-            out.append(w)
-    return out
-
 
 # ---------------------------------------------------------------------------------------------- prompts
 
@@ -182,7 +81,7 @@ class IOIPrompt:
     ) -> IOIPrompt:
         """Fill template ``template`` (order ``order``) with the given words."""
         text, _ = _render(template, order, io, s, s2 if s2 is not None else s, place, obj)
-        uses = set(_SLOT.findall(TEMPLATES[order][template]))
+        uses = set(SLOT.findall(TEMPLATES[order][template]))
         return cls(
             text=text,
             io=io,
@@ -241,11 +140,13 @@ def _render(
     n_b = 0
     pos = 0
     length = 0
-    for m in _SLOT.finditer(t):
+    for m in SLOT.finditer(t):
         lit = t[pos : m.start()]
         out.append(lit)
         length += len(lit)
         kind = m.group(1)
+        word: Optional[str]
+        slot: Optional[str]
         if kind == "A":
             word, slot = io, "io"
         elif kind == "B":
@@ -316,7 +217,7 @@ class IOIBatch:
         moved = {
             k: v.to(device) for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)
         }
-        return replace(self, **moved)
+        return replace(self, **moved)  # type: ignore[arg-type]
 
     def __getitem__(self, idx) -> IOIBatch:
         """A sub-batch (``idx``: slice, list of indices or index tensor); padding is left as it is."""
@@ -330,7 +231,7 @@ class IOIBatch:
         fields = {
             k: v[index.to(v.device)] for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)
         }
-        return replace(self, prompts=[self.prompts[i] for i in sel], **fields)
+        return replace(self, prompts=[self.prompts[i] for i in sel], **fields)  # type: ignore[arg-type]
 
 
 def _pad_id(tok) -> int:
@@ -371,7 +272,7 @@ def tokenize_prompts(
     """Tokenize ``prompts`` into an :class:`IOIBatch` (see :meth:`IOIDataset.to_batch`)."""
     if len(prompts) == 0:
         raise ValueError("cannot tokenize an empty list of IOI prompts")
-    tok = _resolve_tokenizer(model_or_tokenizer)
+    tok = resolve_tokenizer(model_or_tokenizer)
     bos = getattr(tok, "bos_token_id", None)
     if prepend_bos is None:
         prepend_bos = bool(getattr(tok, "default_prepend_bos", bos is not None)) and bos is not None
@@ -393,7 +294,7 @@ def tokenize_prompts(
         cols["io_pos"].append(_locate(tok, p, ids, "io", io_id, offset))
         cols["s1_pos"].append(_locate(tok, p, ids, "s1", s_id, offset))
         cols["s2_pos"].append(_locate(tok, p, ids, "s2", s2_id, offset))
-        rows.append(([int(bos)] if prepend_bos else []) + ids)
+        rows.append(([int(bos)] if prepend_bos and bos is not None else []) + ids)
 
     width = max(len(r) for r in rows)
     tokens = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -572,51 +473,6 @@ def per_template_groups(dataset: Union[IOIDataset, Sequence[IOIPrompt]]) -> dict
     for i, p in enumerate(prompts):
         groups.setdefault(p.template_key, []).append(i)
     return groups
-
-
-# ---------------------------------------------------------------------------------------------- metrics
-
-
-def _end_logits(logits: torch.Tensor, batch: IOIBatch) -> torch.Tensor:
-    """``[batch, vocab]`` logits at each prompt's END (``logits`` may already be ``[batch, vocab]``)."""
-    if not isinstance(logits, torch.Tensor) or logits.ndim not in (2, 3):
-        raise ValueError(
-            f"expected logits [batch, pos, vocab] (or [batch, vocab] at END), got "
-            f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}"
-        )
-    if logits.shape[0] != len(batch):
-        raise ValueError(f"logits have batch size {logits.shape[0]}, the IOI batch has {len(batch)} prompts")
-    if logits.ndim == 2:
-        return logits
-    end = batch.end.to(logits.device)
-    if int(end.max()) >= logits.shape[1]:
-        raise ValueError(f"logits have {logits.shape[1]} positions, the batch needs END up to {int(end.max())}")
-    return logits[torch.arange(logits.shape[0], device=logits.device), end]
-
-
-def _pick(last: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return last.gather(1, ids.to(last.device).view(-1, 1)).squeeze(1)
-
-
-def logit_diff(logits: torch.Tensor, batch: IOIBatch, per_prompt: bool = False) -> torch.Tensor:
-    """Logit of the IO name minus logit of the S name at END; mean over prompts unless ``per_prompt``."""
-    last = _end_logits(logits, batch)
-    diff = _pick(last, batch.io_token) - _pick(last, batch.s_token)
-    return diff if per_prompt else diff.mean()
-
-
-def io_probability(logits: torch.Tensor, batch: IOIBatch, per_prompt: bool = False) -> torch.Tensor:
-    """Softmax probability of the IO name at END; mean over prompts unless ``per_prompt``."""
-    last = _end_logits(logits, batch)
-    prob = _pick(last.float().softmax(-1), batch.io_token)
-    return prob if per_prompt else prob.mean()
-
-
-def accuracy(logits: torch.Tensor, batch: IOIBatch, per_prompt: bool = False) -> torch.Tensor:
-    """Whether IO's logit beats S's at END: bool ``[batch]`` if ``per_prompt``, else the fraction."""
-    last = _end_logits(logits, batch)
-    right = _pick(last, batch.io_token) > _pick(last, batch.s_token)
-    return right if per_prompt else right.float().mean()
 
 
 __all__ = [

@@ -147,13 +147,16 @@ def run_ioi(
 def format_report(r: dict) -> str:
     """The human-readable summary ``tdb-lens ioi`` prints."""
     lines = [f"IOI on {r['model']}: {r['n_prompts']} prompts (seed {r['seed']})",
-             f"  baseline: logit diff {r['logit_diff']:.3f}, accuracy {r['accuracy']:.1%}, IO probability {r['io_probability']:.3f}"]
+             f"  baseline: logit diff {r['logit_diff']:.3f}, accuracy {r['accuracy']:.1%}, "
+             f"IO probability {r['io_probability']:.3f}"]
     if r["weak_templates"]:
         lines.append("  templates below LD 2 or accuracy 90%: " + "; ".join(r["weak_templates"]))
     lines += ["", f"  {'class':<20} {'head':>6} {'direct':>8} {'attr@END':>9} {'attr@S2':>8} {'attr@S1+1':>10} "
                   f"{'knockout':>9} {'induct':>7} {'dup':>6} {'prev':>6} {'path':>7}"]
     for row in r["heads"]:
-        g = lambda k, w, d=2: f"{row[k]:>{w}.{d}f}" if k in row else " " * w
+        def g(k: str, w: int, d: int = 2, row: dict = row) -> str:
+            return f"{row[k]:>{w}.{d}f}" if k in row else " " * w
+
         lines.append(f"  {row['class']:<20} {row['head']:>6} {g('direct_effect', 8)} {g('attr_end', 9)} {g('attr_s2', 8)} "
                      f"{g('attr_s1_plus_1', 10)} {g('knockout_estimate', 9)} {g('detector_induction', 7)} "
                      f"{g('detector_duplicate', 6)} {g('detector_previous', 6)} {g('path_patching', 7)}")
