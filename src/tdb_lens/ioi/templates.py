@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 ORDERS = ("ABBA", "BABA")
 
@@ -77,6 +77,7 @@ OBJECTS: tuple[str, ...] = (
 SLOT = re.compile(r"\[(A|B|PLACE|OBJECT)\]")
 
 
+@runtime_checkable
 class TokenizerLike(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
