@@ -125,6 +125,36 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, bad, qtype):
         tdb_lens.load(str(path))
 
 
+@pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1])
+def test_non_finite_count_from_storage_equals_gguf_dequantized_count(qtype):
+    """The reader counts NaN/Inf from the storage (for quantized blocks, from their float16 scales only);
+    the reference is the number of non-finite values gguf-py's own dequantizer produces."""
+    from gguf.quants import dequantize as gguf_dequantize
+    from gguf.quants import quantize as gguf_quantize
+
+    from tdb_lens.models.gguf import _count_nonfinite_storage
+
+    x = np.random.default_rng(2).normal(size=(16, 128)).astype(np.float32)
+    data = bytearray(gguf_quantize(x, qtype).tobytes())
+    assert _count_nonfinite_storage(np.frombuffer(bytes(data), np.uint8), qtype) == 0
+    block = {QT.Q8_0: 34, QT.Q4_0: 18, QT.Q4_1: 20}.get(qtype)
+    width = {QT.F32: 4}.get(qtype, 2)
+    bad16 = [np.float16(np.inf).tobytes(), np.float16(np.nan).tobytes(), np.float16(-np.inf).tobytes()]
+    for i, pos in enumerate([5, 9, 40]):
+        if block is None:  # a value's own bytes: NaN/Inf of the storage type
+            value = np.float32([np.inf, np.nan, -np.inf][i]).tobytes() if qtype == QT.F32 else bad16[i]
+            if qtype == QT.BF16:
+                value = np.float32([np.inf, np.nan, -np.inf][i]).tobytes()[2:]
+            data[pos * width : pos * width + width] = value
+        else:  # a block's scale d, or (Q4_1) its minimum m
+            at = pos * block + (2 if qtype == QT.Q4_1 and i == 1 else 0)
+            data[at : at + 2] = bad16[i]
+    raw = np.frombuffer(bytes(data), np.uint8)
+    with np.errstate(invalid="ignore"):
+        ref = int((~np.isfinite(np.asarray(gguf_dequantize(raw, qtype), dtype=np.float32))).sum())
+    assert ref > 0 and _count_nonfinite_storage(raw, qtype) == ref
+
+
 def test_quantized_block_with_infinite_scale_is_refused(tmp_path):
     """A Q8_0 block whose float16 scale is Inf dequantizes to Inf (the scale sits in the first 2 bytes)."""
     path = tmp_path / "q8.gguf"

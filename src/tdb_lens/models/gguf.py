@@ -372,14 +372,35 @@ def _plan(path: Path, infos: list[GGUFTensorInfo], settings: GGUFSettings) -> di
     return plan
 
 
+# bits of a float's exponent field: all ones means Inf or NaN
+_EXPONENT = {QT.F32: (np.uint32, 0x7F800000), QT.F16: (np.uint16, 0x7C00), QT.BF16: (np.uint16, 0x7F80)}
+
+
+def _count_nonfinite_storage(raw: np.ndarray, qtype: Any) -> int:
+    """How many NaN/Inf values a tensor decodes to, read from its storage. A quantized value is
+    ``d * q`` (Q4_1: ``+ m``) with a small integer ``q``, so it is finite exactly when its block's float16
+    scale (and minimum) is: only those 2 or 4 bytes per 32 values are read."""
+    if qtype in _EXPONENT:
+        kind, mask = _EXPONENT[qtype]
+        bad = (raw.view(kind) & mask) == mask
+        return int(bad.sum()) if bad.any() else 0
+    block_bytes = _BLOCKS[qtype][1]
+    n = raw.size // block_bytes
+    bad = np.zeros(n, dtype=bool)
+    for start in (0, 2) if qtype == QT.Q4_1 else (0,):  # strided float16 views of the scales, no copy
+        half = np.ndarray((n,), dtype="<u2", buffer=raw, offset=start, strides=(block_bytes,))
+        bad |= (half & 0x7C00) == 0x7C00
+    return 32 * int(bad.sum()) if bad.any() else 0
+
+
 def _read_tensor(path: Path, t: GGUFTensorInfo) -> torch.Tensor:
+    raw = t.data if t.data is not None else np.zeros(0, np.uint8)
+    if t.tensor_type in _BLOCKS and (bad := _count_nonfinite_storage(raw, t.tensor_type)):
+        raise GGUFError(f"{path}: tensor {t.name!r} holds {bad} NaN or infinite values of {math.prod(t.shape)}")
     try:
-        w = dequantize(t.data if t.data is not None else np.zeros(0, np.uint8), t.tensor_type, t.shape, name=t.name)
+        return dequantize(raw, t.tensor_type, t.shape, name=t.name)
     except ValueError as e:
         raise GGUFError(f"{path}: {e}") from e
-    if bad := count_nonfinite(w):
-        raise GGUFError(f"{path}: tensor {t.name!r} holds {bad} NaN or infinite values of {w.numel()}")
-    return w
 
 
 def _check_rope_freqs(path: Path, infos: list[GGUFTensorInfo], settings: GGUFSettings) -> None:

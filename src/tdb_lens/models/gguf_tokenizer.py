@@ -67,7 +67,7 @@ def _typed(meta: dict, key: str, kind: type, path: Path, default: Any = None, it
     value = meta.get(key, default)
     ok = value is default or (isinstance(value, kind) and not (kind is int and isinstance(value, bool)))
     if ok and items is not None and value is not default:
-        ok = all(isinstance(v, items) and not (items is int and isinstance(v, bool)) for v in value)
+        ok = set(map(type, value)) <= {items}  # exact types: a bool is not an int here
     if not ok:
         what = f"a list of {items.__name__}" if items is not None else kind.__name__
         raise GGUFError(f"{path}: metadata {key} is {str(value)[:60]!r} ({type(value).__name__}); expected {what}")
@@ -92,13 +92,13 @@ def gguf_tokenizer(meta: dict, path: Path) -> GGUFTokenizer:
     types = _typed(meta, "tokenizer.ggml.token_type", list, path, [], items=int)
     if types and len(types) != len(tokens):
         raise GGUFError(f"{path}: metadata tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
-    merges_raw = _typed(meta, "tokenizer.ggml.merges", list, path, [], items=str)
-    if bad := next((m for m in merges_raw if len(m.split(" ")) != 2), None):
+    merges = [tuple(m.split(" ", 1)) for m in _typed(meta, "tokenizer.ggml.merges", list, path, [], items=str)]
+    if set(map(len, merges)) - {2}:
+        bad = next(" ".join(m) for m in merges if len(m) != 2)
         raise GGUFError(f"{path}: metadata tokenizer.ggml.merges holds {bad!r}; expected two tokens joined by a space")
     vocab: dict[str, int] = {}
     for i, tok in enumerate(tokens):
         vocab.setdefault(tok, i)
-    merges = [tuple(m.split(" ", 1)) for m in merges_raw]
     try:
         tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     except Exception as e:

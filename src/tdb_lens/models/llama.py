@@ -362,7 +362,8 @@ class HookedLlama(HookedTransformer):
         cfg = LlamaConfig.from_gguf(ck.settings)
         tok = HFTokenizer(ck.tokenizer, ck.bos_token_id, ck.eos_token_id, ck.pad_token_id, ck.add_bos_token,
                           ck.chat_template, ck.eot_token_ids)
-        return cls._load(cfg, DictSource(ck.tensors, copy=False), tok, dtype, device, str(path))
+        source = DictSource(ck.tensors, copy=False, checked_finite=True)  # read_gguf refuses NaN/Inf
+        return cls._load(cfg, source, tok, dtype, device, str(path))
 
 
 def _tokenizer_from_dir(directory) -> HFTokenizer:
