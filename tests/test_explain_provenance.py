@@ -145,3 +145,52 @@ def test_interrupted_run_leaves_complete_rows_and_resumes(models, tmp_path, monk
     assert con.execute("SELECT COUNT(*) FROM explanations").fetchone()[0] == 12
     assert con.execute("SELECT COUNT(DISTINCT unit_id) FROM explanations").fetchone()[0] == 12
     con.close()
+
+
+KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from _explain_planted import planted_model
+from tdb_lens.explain import ExplainConfig, run_explain
+from tdb_lens.explain.explainer import TopTokensExplainer
+
+real, calls = TopTokensExplainer.explain_many, []
+
+def dies_on_second_batch(self, records):
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, records)
+
+TopTokensExplainer.explain_many = dies_on_second_batch
+model, _ = planted_model()
+run_explain(ExplainConfig(**{cfg!r}), model)
+"""
+
+
+def test_sigkill_mid_run_then_rerun(models, tmp_path):
+    """SIGKILL between two batches of explanations, then a rerun: every explanation once, each with
+    its score (issue 13: duplicates and an explanation without its scores)."""
+    import dataclasses
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    a, _ = models
+    cfg = config(tmp_path)
+    tests = str(Path(__file__).resolve().parent)
+    script = KILLED_RUN.format(tests=tests, cfg=dataclasses.asdict(cfg))
+    env = {**os.environ, "PYTHONPATH": str(Path(tests).parent / "src")}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    con = sqlite3.connect(tmp_path / "e.db")
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert con.execute("SELECT COUNT(*) FROM explanations").fetchone()[0] == 8
+    rep = run_explain(cfg, a)
+    assert rep.new == 4 and rep.reused == 8
+    assert con.execute("SELECT COUNT(*) FROM explanations").fetchone()[0] == 12
+    assert con.execute("SELECT COUNT(*) FROM explanations e WHERE (SELECT COUNT(*) FROM scores s "
+                       "WHERE s.explanation_id = e.id) != 1").fetchone()[0] == 0
+    con.close()
