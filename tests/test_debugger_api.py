@@ -355,3 +355,23 @@ def test_eight_concurrent_clients_get_the_sequential_answers(setup):
     finally:
         server.should_exit = True
         th.join(timeout=30)
+
+
+def test_debug_command_binds_loopback_and_needs_a_token_elsewhere(monkeypatch, tmp_path):
+    from fastapi.testclient import TestClient
+
+    import tdb_lens.loading
+    from tdb_lens.cli import SUBCOMMANDS
+    from tdb_lens.debugger.cli import build, parser
+
+    assert SUBCOMMANDS["debug"][0] == "tdb_lens.debugger.cli"
+    monkeypatch.setattr(tdb_lens.loading, "load", lambda name: tiny_model())
+    args = parser().parse_args([])
+    assert args.host == "127.0.0.1" and args.model == "smollm2-135m"
+    app, token = build(args)
+    assert token is None and TestClient(app).get("/api/info").status_code == 200
+    app, token = build(parser().parse_args(["--host", "0.0.0.0", "--db", str(tmp_path / "s.db")]))
+    assert token and len(token) >= 24
+    c = TestClient(app)
+    assert c.get("/api/info").status_code == 403
+    assert c.get(f"/api/info?token={token}").json()["store"] is True
