@@ -375,3 +375,16 @@ def test_debug_command_binds_loopback_and_needs_a_token_elsewhere(monkeypatch, t
     c = TestClient(app)
     assert c.get("/api/info").status_code == 403
     assert c.get(f"/api/info?token={token}").json()["store"] is True
+
+
+def test_explain_action_stores_the_baseline_explanation(setup, client):
+    from tdb_lens.explain import TopTokensExplainer, load_harvest
+
+    model, inv = setup
+    r = client.post("/api/explain", json=dict(STATE, node="L0.N5@2"))
+    assert r.status_code == 200, r.text
+    rec = load_harvest(inv.harvest_dirs[0] / "l0-post").record(5)
+    assert r.json()["text"] == TopTokensExplainer(model.tokenizer).explain(rec).text
+    page = client.post("/api/unit", json=dict(STATE, node="L0.N5")).json()
+    assert r.json()["text"] in [e["text"] for e in page["explanations"]]
+    assert client.post("/api/explain", json=dict(STATE, node="L1.N5@2")).status_code == 400  # not harvested
