@@ -246,7 +246,7 @@ def _data(model: Any, train_rows: torch.Tensor, args: argparse.Namespace, out: P
 
 def _train(args: argparse.Namespace) -> int:
     from .activation_store import check_token_vectors
-    from .training import SAETrainer
+    from .distributed import DistributedSAETrainer, cli_rank_setup
 
     _check_train(args)
     model = _load_model(args)
@@ -257,14 +257,18 @@ def _train(args: argparse.Namespace) -> int:
     sae_cfg, train_cfg = _configs(args, d_in)
     train_rows, eval_rows = _rows(model, args)
     out = Path(args.out)
-    data = _data(model, train_rows, args, out)
+    # under torchrun: this rank's rows, batch and cache folder (tdb_lens.sae.distributed); as is otherwise
+    dist, rank_args, train_rows, data_out = cli_rank_setup(args, train_rows, out)
+    data = _data(model, train_rows, rank_args, data_out)
     t0 = time.perf_counter()
     try:
-        trainer = SAETrainer(SAE(sae_cfg, device=args.device), train_cfg, data, out_dir=out,
-                             resume=not args.no_resume, progress=not args.quiet)
+        trainer = DistributedSAETrainer(SAE(sae_cfg, device=args.device), train_cfg, data, out_dir=out,
+                                        resume=not args.no_resume, progress=not args.quiet, dist=dist)
     except ValueError as e:  # a checkpoint of another SAE
         raise UsageError(str(e)) from None
     trained = trainer.train()
+    if not dist.is_main:  # rank 0 reports and evaluates
+        return 0
     seconds = time.perf_counter() - t0
     print(f"trained {trainer.step} steps ({trainer.step * args.batch_size} activations) in {seconds:.0f}s; SAE in {out}")
     if not args.no_eval:

@@ -241,3 +241,30 @@ def train_sae_distributed(activations: Iterator[Float[torch.Tensor, "batch d_in"
         sae = SAE(sae_cfg, device=train_cfg.device)
     return DistributedSAETrainer(sae, train_cfg, activations, out_dir, resume=resume, progress=progress,
                                  dist=dist).train()
+
+
+def cli_rank_setup(args: Any, train_rows: torch.Tensor, out: Path) -> tuple[Dist, Any, torch.Tensor, Path]:
+    """For ``tdb-lens sae train`` under torchrun: ``(dist, this rank's arguments, its token rows, where
+    its cached activations go)``. Each rank reads every ``world_size``-th row, feeds ``batch_size /
+    world_size`` activations a step, harvests ``harvest_tokens / world_size`` into its own
+    ``OUT/activations-rank-R-of-N`` and shows no progress unless it is rank 0. In a plain process:
+    the arguments as they are."""
+    import copy
+
+    d = dist_init()
+    if not d.distributed:
+        return d, args, train_rows, out
+    from .cli import UsageError
+
+    if args.batch_size % d.world_size:
+        raise UsageError(f"--batch-size {args.batch_size} (the global batch) must be a multiple of the "
+                         f"{d.world_size} ranks")
+    if len(train_rows) < d.world_size:
+        raise UsageError(f"{len(train_rows)} training rows cannot be split over {d.world_size} ranks")
+    mine = copy.copy(args)
+    mine.batch_size = args.batch_size // d.world_size
+    if getattr(args, "harvest_tokens", None):
+        mine.harvest_tokens = args.harvest_tokens // d.world_size
+    mine.seed = args.seed + d.rank
+    mine.quiet = args.quiet or not d.is_main
+    return d, mine, train_rows[d.rank::d.world_size], out / f"activations-rank-{d.rank}-of-{d.world_size}"
