@@ -163,6 +163,9 @@ class LogitTable:
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
+    def __repr__(self) -> str:
+        return f"LogitTable({len(self.tokens)} tokens, top {self.tokens[0]!r}, compare={self.compare})"
+
     def __str__(self) -> str:
         lines = [self.title]
         for t, lg, p in zip(self.tokens, self.logits, self.probs):

@@ -114,6 +114,9 @@ class UnitPage:
     explanations: list[dict] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
 
+    def __repr__(self) -> str:
+        return f"UnitPage({self.label}, {len(self.top_examples)} top examples, {len(self.explanations)} explanations)"
+
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
         d["node"] = str(self.node)
@@ -204,6 +207,9 @@ class SearchResults:
 
     def as_dict(self) -> dict:
         return {"query": self.query, "hits": self.hits}
+
+    def __repr__(self) -> str:
+        return f"SearchResults({self.query!r}, {len(self.hits)} hits)"
 
     def _repr_html_(self) -> str:
         from .views import search_html

@@ -137,6 +137,9 @@ class AttentionView:
         return grid_html(self.pattern, labels, labels, f"L{self.layer}.H{self.head} attention (query x key)",
                          symmetric=False, row_axis="query", col_axis="key")
 
+    def __repr__(self) -> str:
+        return f"AttentionView(L{self.layer}.H{self.head}, {len(self.tokens)} tokens)"
+
     def __str__(self) -> str:
         lines = [f"L{self.layer}.H{self.head} attention: each query's top key"]
         for q, t in enumerate(self.tokens):
@@ -184,6 +187,9 @@ class LogitLensView:
             out.append(f"<td class='l'>{toks}</td></tr>")
         out.append("</table>")
         return "".join(out)
+
+    def __repr__(self) -> str:
+        return f"LogitLensView({len(self.layers)} layers, final top {self.top[-1][0][0]!r})"
 
     def __str__(self) -> str:
         return "\n".join(f"{n:<8} " + " ".join(f"{t!r}({p:.2f})" for t, p in top) for n, top in zip(self.layers, self.top))
