@@ -17,13 +17,15 @@ from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 
-from ..hooks import HookPoint
-from .inputs import prepare
+from .inputs import MaskArg, prepare
 from .nodes import Node, NodeLike, as_nodes
 
 Hooks = list
+#: hook name -> mean activation per group of reference prompts ``[n_groups, pos, ...]`` (from `compute_means`)
+Means = dict[str, Float[torch.Tensor, " group *act"]]
+GroupIds = Optional[Union[Sequence[int], Int[torch.Tensor, " n"]]]
 
 
 def _by_hook(nodes: Sequence[NodeLike]) -> dict[str, list[Node]]:
@@ -36,7 +38,7 @@ def _by_hook(nodes: Sequence[NodeLike]) -> dict[str, list[Node]]:
 def _replace_hook(nodes: list[Node], value_fn):
     """A hook setting each node's entries of the activation to ``value_fn(act)``'s."""
 
-    def hook(act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+    def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:  # hook: the HookPoint running it
         value = value_fn(act).to(act.dtype).expand_as(act)
         act = act.clone()
         for n in nodes:
@@ -53,14 +55,14 @@ def zero_ablation_hooks(nodes: Sequence[NodeLike]) -> Hooks:
 
 
 def compute_means(
-    model,
+    model: Any,
     reference: Any,
     hook_names: Sequence[str],
-    attention_mask: Optional[torch.Tensor] = None,
-    groups: Optional[Union[Sequence[int], torch.Tensor]] = None,
+    attention_mask: MaskArg = None,
+    groups: GroupIds = None,
     per_position: bool = True,
     batch_size: int = 64,
-) -> dict[str, torch.Tensor]:
+) -> Means:
     """Mean activation at each hook over the reference prompts: ``{name: [n_groups, pos, ...]}``
     (``[n_groups, 1, ...]`` without ``per_position``). Padded positions are left out; a position no
     prompt of a group reaches gets mean 0. Without ``groups`` there is one group."""
@@ -108,9 +110,9 @@ def _pos_axis(model: Any, name: str) -> int:
     return axis
 
 
-def means_for_rows(means: Float[torch.Tensor, "group ..."], act: Float[torch.Tensor, "batch ..."],
-                   target_groups: Optional[Union[Sequence[int], torch.Tensor]], pos_axis: int = 1,
-                   key_axis: Optional[int] = None) -> Float[torch.Tensor, "batch ..."]:
+def means_for_rows(means: Float[torch.Tensor, " group *m"], act: Float[torch.Tensor, " batch *a"],
+                   target_groups: GroupIds, pos_axis: int = 1,
+                   key_axis: Optional[int] = None) -> Float[torch.Tensor, " batch *m2"]:
     """The mean for each row of ``act`` (its group's, from `compute_means`): ``[batch, ...]``
     broadcastable to ``act``, cut to its positions (and keys, on ``key_axis``)."""
     G = means.shape[0]
@@ -139,14 +141,14 @@ def means_for_rows(means: Float[torch.Tensor, "group ..."], act: Float[torch.Ten
 
 
 def mean_ablation_hooks(
-    model,
+    model: Any,
     nodes: Sequence[NodeLike],
     reference: Any = None,
-    means: Optional[dict[str, torch.Tensor]] = None,
-    groups: Optional[Union[Sequence[int], torch.Tensor]] = None,
-    target_groups: Optional[Union[Sequence[int], torch.Tensor]] = None,
+    means: Optional[Means] = None,
+    groups: GroupIds = None,
+    target_groups: GroupIds = None,
     per_position: bool = True,
-    attention_mask: Optional[torch.Tensor] = None,
+    attention_mask: MaskArg = None,
 ) -> Hooks:
     """Replace the nodes' activations by their means over ``reference`` (or precomputed ``means``
     from `compute_means`). ``groups``: a group id per reference prompt; ``target_groups``: a group
@@ -168,10 +170,10 @@ def mean_ablation_hooks(
 
 
 def resample_ablation_hooks(
-    model,
+    model: Any,
     nodes: Sequence[NodeLike],
     source: Any,
-    attention_mask: Optional[torch.Tensor] = None,
+    attention_mask: MaskArg = None,
     permutation: Optional[Sequence[int]] = None,
     seed: int = 0,
 ) -> Hooks:
@@ -199,7 +201,8 @@ def resample_ablation_hooks(
     return [(name, _replace_hook(ns, value_fn(name))) for name, ns in by.items()]
 
 
-def ablate(model, input: Any, nodes: Sequence[NodeLike], method: str = "zero", attention_mask=None, **kw) -> torch.Tensor:
+def ablate(model: Any, input: Any, nodes: Sequence[NodeLike], method: str = "zero", attention_mask: MaskArg = None,
+           **kw: Any) -> Float[torch.Tensor, "batch pos vocab"]:
     """Logits of ``input`` with ``nodes`` ablated (``method`` "zero", "mean" or "resample"; ``kw`` go
     to the hook builder)."""
     tokens, mask = prepare(model, input, attention_mask)

@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float
 
 from .gradients import metric_objective, run_with_grads
-from .inputs import attached_saes, prepare, sae_hook_name
+from .inputs import MaskArg, attached_saes, prepare, sae_hook_name
 from .metrics import MetricLike
 from .scores import NodeScores
 
@@ -160,7 +160,7 @@ def act_times_grad(
     model: Any,
     input: Any,
     metric: MetricLike,
-    attention_mask: Optional[torch.Tensor] = None,
+    attention_mask: MaskArg = None,
     kinds: Sequence[str] = ALL_KINDS,
     include_pairs: bool = False,
     freeze_final_scale: bool = False,

@@ -26,7 +26,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from ..models.components import KVCache
-from .inputs import PatchRuns, setup_runs
+from .inputs import MaskArg, PatchRuns, setup_runs
 from .metrics import CallableMetric, MetricLike, per_group
 from .nodes import Node, NodeLike
 from .patch_core import chunks, group_by_hook, hook_names, patch_hooks, resolve_nodes, start_layer
@@ -58,8 +58,8 @@ def activation_patch(
     metric: MetricLike,
     nodes: Sequence[NodeLike],
     normalise: bool = True,
-    clean_mask: Optional[torch.Tensor] = None,
-    corrupted_mask: Optional[torch.Tensor] = None,
+    clean_mask: MaskArg = None,
+    corrupted_mask: MaskArg = None,
     batch_rows: int = 256,
     fast: bool = True,
     progress: bool = True,

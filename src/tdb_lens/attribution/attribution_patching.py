@@ -10,13 +10,13 @@ is linear in the node.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 from jaxtyping import Float
 
 from .gradients import metric_objective, run_with_grads
-from .inputs import PatchRuns, setup_runs
+from .inputs import MaskArg, PatchRuns, setup_runs
 from .metrics import MetricLike
 from .nodes import NodeLike
 from .patch_core import hook_names, resolve_nodes
@@ -29,8 +29,8 @@ def attribution_patch(
     metric: MetricLike,
     nodes: Sequence[NodeLike],
     normalise: bool = True,
-    clean_mask: Optional[torch.Tensor] = None,
-    corrupted_mask: Optional[torch.Tensor] = None,
+    clean_mask: MaskArg = None,
+    corrupted_mask: MaskArg = None,
     return_runs: bool = False,
 ) -> Union[Float[torch.Tensor, " n_nodes"], tuple[Float[torch.Tensor, " n_nodes"], PatchRuns]]:
     """Estimated effect of patching each node clean -> corrupted: ``[len(nodes)]``.

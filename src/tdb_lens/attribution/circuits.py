@@ -19,16 +19,16 @@ prompts (IOI: per template over the ABC prompts) with ``groups`` / ``target_grou
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
 
 from ..hooks import HookPoint
-from .ablation import compute_means, means_for_rows
+from .ablation import GroupIds, Means, compute_means, means_for_rows
 from .gradients import GradRun, metric_objective, run_with_grads
-from .inputs import prepare, setup_runs
+from .inputs import MaskArg, prepare, setup_runs
 from .metrics import MetricLike, as_metric
 from .nodes import Node, NodeLike, as_node, as_nodes
 from .results import Labelled
@@ -37,7 +37,7 @@ EdgeLike = Union[tuple[NodeLike, NodeLike], str]
 
 
 @contextlib.contextmanager
-def split_qkv(model, on: bool = True):
+def split_qkv(model: Any, on: bool = True) -> Iterator[Any]:
     """Temporarily switch per-head q/k/v inputs on (or off); restores each block's setting."""
     prev = [b.attn.use_split_qkv_input for b in model.blocks]
     try:
@@ -49,12 +49,12 @@ def split_qkv(model, on: bool = True):
             b.attn.use_split_qkv_input = p
 
 
-def logits_node(model) -> Node:
+def logits_node(model: Any) -> Node:
     """The receiver standing for the logits: the final residual."""
     return Node.resid(model.cfg.n_layers - 1, site="post")
 
 
-def graph_nodes(model, include_mlps: bool = True) -> tuple[list[Node], list[Node], list[float], list[float]]:
+def graph_nodes(model: Any, include_mlps: bool = True) -> tuple[list[Node], list[Node], list[float], list[float]]:
     """(senders, receivers, sender depth, receiver depth); an edge needs sender depth < receiver depth."""
     cfg = model.cfg
     L, H = cfg.n_layers, cfg.n_heads
@@ -110,7 +110,7 @@ def _eap_names(model: Any) -> tuple[list[str], list[str], list[str]]:
     return emb, send, recv
 
 
-def _eap_scores(model: Any, grun: GradRun, clean: dict[str, torch.Tensor], emb: list[str],
+def _eap_scores(model: Any, grun: GradRun, clean: Any, emb: list[str],
                 include_mlps: bool) -> torch.Tensor:
     """``[sender, receiver]`` sums over batch and positions of (clean - corrupted write) . gradient."""
     L = model.cfg.n_layers
@@ -138,8 +138,8 @@ def edge_attribution_patching(
     metric: MetricLike,
     include_mlps: bool = True,
     normalise: bool = True,
-    clean_mask: Optional[torch.Tensor] = None,
-    corrupted_mask: Optional[torch.Tensor] = None,
+    clean_mask: MaskArg = None,
+    corrupted_mask: MaskArg = None,
 ) -> EdgeScores:
     """Attribution-patching score of every edge (see the module docstring)."""
     runs = setup_runs(model, clean, corrupted, metric, clean_mask, corrupted_mask)
@@ -210,8 +210,8 @@ def _keep_masks(model, nodes: list[Node], scope: Sequence[str], n_pos: int) -> d
     return masks
 
 
-def circuit_hooks(model, means: dict[str, torch.Tensor], nodes: Sequence[NodeLike] = (), scope: Sequence[str] = ("head",),
-                  target_groups=None, n_pos: Optional[int] = None, keep_all: bool = False) -> list:
+def circuit_hooks(model: Any, means: Means, nodes: Sequence[NodeLike] = (), scope: Sequence[str] = ("head",),
+                  target_groups: GroupIds = None, n_pos: Optional[int] = None, keep_all: bool = False) -> list:
     """Hooks mean-ablating everything in ``scope`` outside ``nodes`` (``keep_all``: nothing)."""
     ns = as_nodes(list(nodes))
     hooks = []
@@ -236,6 +236,12 @@ def circuit_hooks(model, means: dict[str, torch.Tensor], nodes: Sequence[NodeLik
     return hooks
 
 
+def _layer_and_index(node: Node) -> tuple[int, int]:
+    if node.layer is None or node.index is None:
+        raise ValueError(f"{node} is not a head")
+    return node.layer, node.index
+
+
 def _edge_plan(model, edges: Iterable[EdgeLike]) -> tuple[set[int], dict[tuple[int, str], torch.Tensor], torch.Tensor]:
     """(heads sending along some edge, (layer, site) -> kept [n_senders_before, n_recv_heads],
     kept-to-logits [n_heads_total]); heads are numbered ``layer * n_heads + head``."""
@@ -245,35 +251,36 @@ def _edge_plan(model, edges: Iterable[EdgeLike]) -> tuple[set[int], dict[tuple[i
     final = logits_node(model)
     kept: dict[tuple[int, str], torch.Tensor] = {}
     for l in range(L):
-        for s, n in (("q", H), ("k", Hkv), ("v", Hkv)):
-            kept[(l, s)] = torch.zeros(l * H, n, dtype=torch.bool)
+        for side, n in (("q", H), ("k", Hkv), ("v", Hkv)):
+            kept[(l, side)] = torch.zeros(l * H, n, dtype=torch.bool)
     to_logits = torch.zeros(L * H, dtype=torch.bool)
     in_edge: set[int] = set()
     for e in edges:
         if isinstance(e, str):
             if "->" not in e:
                 raise ValueError(f"edge {e!r}: write edges as 'L0.H1->L3.H2.q' or (sender, receiver) pairs")
-            e = tuple(e.split("->"))  # type: ignore[assignment]
-        s, r = as_node(e[0]), as_node(e[1])  # type: ignore[index]
+            pair: tuple[NodeLike, NodeLike] = tuple(e.split("->", 1))  # type: ignore[assignment]
+        else:
+            pair = e
+        s, r = as_node(pair[0]), as_node(pair[1])
         if s.kind != "head" or s.site != "z" or s.pos is not None:
             raise ValueError(f"edge sender {s}: edge circuits are between heads (e.g. 'L0.H1'), without positions")
-        si = s.layer * H + s.index
+        s_layer, s_head = _layer_and_index(s)
+        si = s_layer * H + s_head
         if r == final:
             to_logits[si] = True
         elif r.kind == "head" and r.site in ("q", "k", "v") and r.pos is None:
-            if s.layer >= r.layer:
+            r_layer, r_head = _layer_and_index(r)
+            if s_layer >= r_layer:
                 raise ValueError(f"edge {s}->{r}: the sender must be in an earlier layer than the receiver")
-            kept[(r.layer, r.site)][si, r.index] = True
+            kept[(r_layer, str(r.site))][si, r_head] = True
         else:
             raise ValueError(f"edge receiver {r}: receivers are head inputs ('L3.H2.q', '.k', '.v') or the logits ({final})")
         in_edge.add(si)
     return in_edge, kept, to_logits
 
 
-_INPUT_SIDE = {"q_input": "q", "k_input": "k", "v_input": "v"}
-
-
-def edge_circuit_hooks(model, means: dict[str, torch.Tensor], edges: Iterable[EdgeLike], target_groups=None) -> list:
+def edge_circuit_hooks(model: Any, means: Means, edges: Iterable[EdgeLike], target_groups: GroupIds = None) -> list:
     """Hooks for an edge circuit (needs ``split_qkv``): heads that send along no edge are mean-ablated;
     along an edge outside the set, the receiver's input gets the sender's mean write instead of its
     actual one.
@@ -283,48 +290,52 @@ def edge_circuit_hooks(model, means: dict[str, torch.Tensor], edges: Iterable[Ed
     alive_heads, kept, to_logits = _edge_plan(model, edges)
     deltas: list[torch.Tensor] = []  # per layer [b, P, H, d]: actual write - mean write
 
-    def z_hook(act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-        l = hook.layer()
-        if l == 0:
-            deltas.clear()
-        mean = means_for_rows(means[hook.name], act, target_groups).to(act.dtype)
-        alive = torch.tensor([l * H + h in alive_heads for h in range(H)], device=act.device)
-        act = torch.where(alive[None, None, :, None], act, mean)
-        deltas.append(torch.einsum("bphd,hdm->bphm", act - mean, model.blocks[l].attn.W_O.to(act.dtype)))
-        return act
-
-    def input_hook(act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-        l, site = hook.layer(), _INPUT_SIDE[hook.layout.site]
-        if l == 0:
+    def z_hook(l: int, name: str) -> Callable:
+        def hook(act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+            if l == 0:
+                deltas.clear()
+            mean = means_for_rows(means[name], act, target_groups).to(act.dtype)
+            alive = torch.tensor([l * H + h in alive_heads for h in range(H)], device=act.device)
+            act = torch.where(alive[None, None, :, None], act, mean)
+            deltas.append(torch.einsum("bphd,hdm->bphm", act - mean, model.blocks[l].attn.W_O.to(act.dtype)))
             return act
-        D = torch.cat(deltas[:l], dim=2)  # [b, P, l*H, d]
-        drop = (~kept[(l, site)]).to(act.dtype).to(act.device)  # [l*H, n_recv]
-        return act - torch.einsum("bpud,ur->bprd", D, drop)
+
+        return hook
+
+    def input_hook(l: int, side: str) -> Callable:
+        def hook(act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+            if l == 0:
+                return act
+            D = torch.cat(deltas[:l], dim=2)  # [b, P, l*H, d]
+            drop = (~kept[(l, side)]).to(act.dtype).to(act.device)  # [l*H, n_recv]
+            return act - torch.einsum("bpud,ur->bprd", D, drop)
+
+        return hook
 
     def logits_hook(act, hook):
         D = torch.cat(deltas, dim=2)
         drop = (~to_logits).to(act.dtype).to(act.device)
         return act - torch.einsum("bpud,u->bpd", D, drop)
 
-    hooks = [(model.hook_name("z", l), z_hook) for l in range(L)]
-    hooks += [(model.hook_name(f"{s}_input", l), input_hook) for l in range(L) for s in "qkv"]
+    hooks = [(model.hook_name("z", l), z_hook(l, model.hook_name("z", l))) for l in range(L)]
+    hooks += [(model.hook_name(f"{s}_input", l), input_hook(l, s)) for l in range(L) for s in "qkv"]
     hooks.append((model.hook_name("resid_post", L - 1), logits_hook))
     return hooks
 
 
 def evaluate_circuit(
-    model,
+    model: Any,
     input: Any,
     metric: MetricLike,
     nodes: Optional[Sequence[NodeLike]] = None,
     edges: Optional[Iterable[EdgeLike]] = None,
     reference: Any = None,
-    means: Optional[dict[str, torch.Tensor]] = None,
-    groups=None,
-    target_groups=None,
+    means: Optional[Means] = None,
+    groups: GroupIds = None,
+    target_groups: GroupIds = None,
     scope: Sequence[str] = ("head",),
-    attention_mask: Optional[torch.Tensor] = None,
-    reference_mask: Optional[torch.Tensor] = None,
+    attention_mask: MaskArg = None,
+    reference_mask: MaskArg = None,
     with_ablated: bool = True,
 ) -> CircuitResult:
     """Faithfulness of a circuit given as ``nodes`` (heads, optionally at positions; with ``scope``

@@ -19,7 +19,7 @@ from jaxtyping import Float
 
 from .act_grad import node_names
 from .gradients import metric_objective, run_with_grads
-from .inputs import attached_saes, prepare, sae_hook_name
+from .inputs import MaskArg, attached_saes, prepare, sae_hook_name
 from .metrics import MetricLike, as_metric
 from .results import Labelled, pos_labels
 from .scores import NodeScores
@@ -43,26 +43,27 @@ class DirectEffects(NodeScores):
     sae_bias: dict[str, torch.Tensor] = field(default_factory=dict)
     gradient: Optional[torch.Tensor] = None  # [batch, P, d_model] at the final residual
 
-    def total(self) -> torch.Tensor:
+    def total(self) -> Float[torch.Tensor, " batch"]:
         """Embeddings + every head + every neuron + biases + constant, per prompt ``[batch]``.
 
         Equals ``metric`` when the metric is affine in the logits."""
-        t = self.embed.sum(-1) + self.head.sum((1, 2, 3)) + self.neuron.sum((1, 2, 3))  # type: ignore[union-attr]
-        t = t + self.attn_bias.sum((1, 2)) + self.mlp_bias.sum((1, 2)) + self.constant  # type: ignore[union-attr]
+        f = self.field
+        t = f("embed").sum(-1) + f("head").sum((1, 2, 3)) + f("neuron").sum((1, 2, 3))
+        t = t + f("attn_bias").sum((1, 2)) + f("mlp_bias").sum((1, 2)) + f("constant")
         if self.pos_embed is not None:
             t = t + self.pos_embed.sum(-1)
         return t
 
     def by_position(self, str_tokens: Optional[Sequence[str]] = None) -> Labelled:
         """Everything written at each position (batch mean) ``[pos]``: it sums to total - constant."""
-        v = self.embed + self.attn.sum(1) + self.mlp.sum(1)  # type: ignore[operator, union-attr]
+        v = self.field("embed") + self.field("attn").sum(1) + self.field("mlp").sum(1)
         if self.pos_embed is not None:
             v = v + self.pos_embed
         v = v.float().mean(0)
         return Labelled(v, ("pos",), (pos_labels(len(v), str_tokens),), title=f"{self.title} by position")
 
 
-def _layer_terms(model: Any, acts: dict, g: torch.Tensor) -> dict[str, torch.Tensor]:
+def _layer_terms(model: Any, acts: dict, g: torch.Tensor) -> dict[str, Any]:
     """Per-layer direct effects through the gradient ``g`` at the final residual, stacked on axis 1."""
     dot = lambda x: (x * g).sum(-1)
     terms: dict[str, list] = {k: [] for k in ("head", "neuron", "attn", "mlp", "attn_bias", "mlp_bias", "resid")}
@@ -84,7 +85,7 @@ def direct_effects(
     model: Any,
     input: Any,
     metric: MetricLike,
-    attention_mask: Optional[torch.Tensor] = None,
+    attention_mask: MaskArg = None,
     include_saes: bool = True,
 ) -> DirectEffects:
     """Direct effect of every node on ``metric`` from one forward and one backward pass.
@@ -125,7 +126,7 @@ def logit_lens(
     model: Any,
     input: Any,
     metric: Optional[MetricLike] = None,
-    attention_mask: Optional[torch.Tensor] = None,
+    attention_mask: MaskArg = None,
     frozen_scale: bool = False,
 ) -> Union[Labelled, Float[torch.Tensor, "layer batch pos vocab"]]:
     """The logit lens: the residual entering each layer (and the final one) through the final norm

@@ -93,10 +93,13 @@ def run_with_grads(
     """
     acts: dict[str, torch.Tensor] = {}
 
-    def keep(x: torch.Tensor, hook: HookPoint) -> None:
-        acts[hook.name] = x
+    def keep(name: str) -> Callable:
+        def hook(x: torch.Tensor, hook: HookPoint) -> None:
+            acts[name] = x
 
-    hooks = grad_source_hooks(model) + list(fwd_hooks) + [(n, keep) for n in names]
+        return hook
+
+    hooks = grad_source_hooks(model) + list(fwd_hooks) + [(n, keep(n)) for n in names]
     if freeze_final_scale:
         hooks.insert(0, freeze_scale_hook(model))
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):

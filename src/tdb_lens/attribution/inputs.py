@@ -12,15 +12,18 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Shaped
 
 from .metrics import Metric, MetricLike, as_metric
 
 Tokens = Int[torch.Tensor, "batch pos"]
+#: a checked attention mask as the engine returns it (None: every position is real)
 Mask = Optional[Int[torch.Tensor, "batch pos"]]
+#: an attention mask as callers pass it: 0/1 integers or booleans
+MaskArg = Optional[Shaped[torch.Tensor, "batch pos"]]
 
 
-def prepare(model: Any, input: Any, attention_mask: Optional[torch.Tensor] = None) -> tuple[Tokens, Mask]:
+def prepare(model: Any, input: Any, attention_mask: MaskArg = None) -> tuple[Tokens, Mask]:
     """``(tokens [batch, pos], mask or None)`` from text, a list of texts or token ids (the engine's
     `prepare_input`)."""
     return model.prepare_input(input, attention_mask)
@@ -71,7 +74,7 @@ class PatchRuns:
 
 
 def setup_runs(model: Any, clean: Any, corrupted: Any, metric: MetricLike,
-               clean_mask: Optional[torch.Tensor] = None, corrupted_mask: Optional[torch.Tensor] = None) -> PatchRuns:
+               clean_mask: MaskArg = None, corrupted_mask: MaskArg = None) -> PatchRuns:
     """Tokenise both inputs (they must have the same shape); baselines are filled in by the front-ends."""
     metric = as_metric(metric)
     tc, mc = prepare(model, clean, clean_mask)

@@ -22,6 +22,12 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float, Int, Shaped
+
+Logits = Float[torch.Tensor, "batch pos vocab"]
+#: per-prompt metric values, or one number for a scalar-valued callable metric
+Values = Float[torch.Tensor, "*batch"]
+Rows = Optional[Int[torch.Tensor, " rows"]]
 
 TokenSpec = Union[int, str, Sequence[int], Sequence[Sequence[int]], torch.Tensor]
 PosSpec = Union[int, Sequence[int], torch.Tensor]
@@ -46,16 +52,16 @@ def _tokens(spec: TokenSpec, model=None) -> torch.Tensor:
         if t.ndim == 2:
             return t
         raise ValueError(f"token tensor must be 0-, 1- or 2-d, got shape {tuple(t.shape)}")
-    spec = list(spec)
-    if not spec:
+    items = list(spec)
+    if not items:
         raise ValueError("empty token list")
-    if all(isinstance(x, str) for x in spec):
+    if all(isinstance(x, str) for x in items):
         if model is None:
             raise ValueError("tokens given as text: pass model= so they can be tokenised")
-        return torch.tensor([[model.to_single_token(x) for x in spec]])
-    if all(isinstance(x, int) for x in spec):
-        return torch.tensor([spec])
-    rows = [list(x) if not isinstance(x, int) else [x] for x in spec]
+        return torch.tensor([[model.to_single_token(x) for x in items]])
+    if all(isinstance(x, int) for x in items):
+        return torch.tensor([items])
+    rows = [list(x) if not isinstance(x, int) else [x] for x in items]  # type: ignore[call-overload]
     if len({len(r) for r in rows}) != 1:
         raise ValueError("per-prompt token lists must all have the same length")
     return torch.tensor(rows)
@@ -83,24 +89,25 @@ class Metric:
             raise ValueError(f"pos must be an int or a 1-D list of per-prompt positions, got shape {tuple(p.shape)}")
         self.pos = p.reshape(-1)
 
-    def positions(self, n_rows: int, n_pos: int, rows: Optional[torch.Tensor] = None, device=None) -> torch.Tensor:
+    def positions(self, n_rows: int, n_pos: int, rows: Rows = None, device: Optional[torch.device] = None
+                  ) -> Int[torch.Tensor, " n_rows"]:
         """The (non-negative) position each row reads: ``[n_rows]``."""
         assert self.pos is not None
         pos = self.pos.to(device)
         r = _rows_for(n_rows, pos.numel(), rows, device)
         return pos[r] % n_pos
 
-    def __call__(self, logits: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, logits: Logits, rows: Rows = None) -> Values:
         """Per-row values ``[rows]`` from logits ``[rows, pos, vocab]``."""
         if logits.ndim != 3:
             raise ValueError(f"metric expects logits [batch, pos, vocab], got shape {tuple(logits.shape)}")
         p = self.positions(logits.shape[0], logits.shape[1], rows, logits.device)
         return self.at_pos(logits[torch.arange(logits.shape[0], device=logits.device), p], rows)
 
-    def at_pos(self, logits: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def at_pos(self, logits: Float[torch.Tensor, "rows vocab"], rows: Rows = None) -> Float[torch.Tensor, " rows"]:
         raise NotImplementedError
 
-    def value(self, logits: torch.Tensor) -> torch.Tensor:
+    def value(self, logits: Logits) -> Float[torch.Tensor, ""]:
         """The batch mean, a scalar."""
         return self(logits).mean()
 
@@ -168,7 +175,7 @@ class CallableMetric(Metric):
     patch's rows. ``linear=True`` declares it affine in the logits (used by direct effects).
     """
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], linear: bool = False):
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], linear: bool = False) -> None:
         if not callable(fn):
             raise TypeError(f"a metric must be callable on logits, got {type(fn).__name__}")
         self.fn = fn
@@ -196,7 +203,7 @@ def as_metric(m: MetricLike) -> Metric:
     raise TypeError(f"a metric must be a Metric or a callable on logits, got {type(m).__name__}")
 
 
-def per_group(metric: Metric, logits: torch.Tensor, group: int) -> torch.Tensor:
+def per_group(metric: Metric, logits: Logits, group: int) -> Float[torch.Tensor, " n_groups"]:
     """Mean metric per consecutive group of ``group`` rows: ``[rows // group]``.
 
     Rows ``i*group .. (i+1)*group - 1`` are one patch's copy of the batch.
@@ -211,7 +218,8 @@ def per_group(metric: Metric, logits: torch.Tensor, group: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def last_token_positions(attention_mask: Optional[torch.Tensor], n_pos: Optional[int] = None) -> torch.Tensor:
+def last_token_positions(attention_mask: Optional[Shaped[torch.Tensor, "batch pos"]],
+                         n_pos: Optional[int] = None) -> Int[torch.Tensor, " batch"]:
     """The last real position of each row of a right-padded batch (``pos=`` for the metrics)."""
     if attention_mask is None:
         if n_pos is None:
@@ -220,14 +228,15 @@ def last_token_positions(attention_mask: Optional[torch.Tensor], n_pos: Optional
     return attention_mask.long().sum(-1) - 1
 
 
-def logit_diff(logits, targets, distractors=None, pos: PosSpec = -1) -> torch.Tensor:
+def logit_diff(logits: Logits, targets: TokenSpec, distractors: Optional[TokenSpec] = None,
+               pos: PosSpec = -1) -> Float[torch.Tensor, " batch"]:
     """Per-prompt logit difference (functional form of `LogitDiff`)."""
     return LogitDiff(targets, distractors, pos)(logits)
 
 
-def log_prob(logits, targets, pos: PosSpec = -1) -> torch.Tensor:
+def log_prob(logits: Logits, targets: TokenSpec, pos: PosSpec = -1) -> Float[torch.Tensor, " batch"]:
     return LogProb(targets, pos)(logits)
 
 
-def prob(logits, targets, pos: PosSpec = -1) -> torch.Tensor:
+def prob(logits: Logits, targets: TokenSpec, pos: PosSpec = -1) -> Float[torch.Tensor, " batch"]:
     return Prob(targets, pos)(logits)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional, Union
 
 import torch
+from jaxtyping import Shaped
 
 from ..hooks.layout import POSITION_AXES, UNIT_AXES, HookLayout
 from ..hooks.names import block_of, get_act_name, spliced_hook_name
@@ -87,17 +88,17 @@ class KindSpec:
 
 
 KIND_SPECS: dict[str, KindSpec] = {
-    NEURON: KindSpec(True, True, "L{layer}.N{index}", 5, fixed=SiteSpec("post", ("batch", "pos", "d_mlp"))),
-    HEAD: KindSpec(True, True, "L{layer}.H{index}{sub}", 3, sites=HEAD_SITE_SPECS),
-    RESID: KindSpec(True, False, "L{layer}.R{sub}", 2,
+    NEURON: KindSpec(True, True, "L{layer}.N{index}", 5.0, fixed=SiteSpec("post", ("batch", "pos", "d_mlp"))),
+    HEAD: KindSpec(True, True, "L{layer}.H{index}{sub}", 3.0, sites=HEAD_SITE_SPECS),
+    RESID: KindSpec(True, False, "L{layer}.R{sub}", 2.0,
                     sites={s: SiteSpec(f"resid_{s}", _VEC) for s in RESID_SITES}),
-    ATTN: KindSpec(True, False, "L{layer}.ATTN", 4, fixed=SiteSpec("attn_out", _VEC)),
-    MLP: KindSpec(True, False, "L{layer}.MLP", 6, fixed=SiteSpec("mlp_out", _VEC)),
-    EMBED: KindSpec(False, False, "E", 0, fixed=SiteSpec("embed", _VEC)),
-    POS_EMBED: KindSpec(False, False, "P", 1, fixed=SiteSpec("pos_embed", _VEC)),
-    SAE_LATENT: KindSpec(False, True, "{site}:F{index}", 7, fixed=SiteSpec("sae_acts_post", ("batch", "pos", "d_sae")),
+    ATTN: KindSpec(True, False, "L{layer}.ATTN", 4.0, fixed=SiteSpec("attn_out", _VEC)),
+    MLP: KindSpec(True, False, "L{layer}.MLP", 6.0, fixed=SiteSpec("mlp_out", _VEC)),
+    EMBED: KindSpec(False, False, "E", 0.0, fixed=SiteSpec("embed", _VEC)),
+    POS_EMBED: KindSpec(False, False, "P", 1.0, fixed=SiteSpec("pos_embed", _VEC)),
+    SAE_LATENT: KindSpec(False, True, "{site}:F{index}", 7.0, fixed=SiteSpec("sae_acts_post", ("batch", "pos", "d_sae")),
                          host=True),
-    SAE_ERROR: KindSpec(False, False, "{site}:ERR", 7, fixed=SiteSpec("sae_error", _VEC), host=True),
+    SAE_ERROR: KindSpec(False, False, "{site}:ERR", 7.0, fixed=SiteSpec("sae_error", _VEC), host=True),
 }
 # residual sub-sites sit between the kinds of their layer: pre before the heads, mid between
 # attention and MLP, post after everything
@@ -372,11 +373,11 @@ class Node:
         kp = slice(None) if self.key_pos is None else self.key_pos
         return _index_for(axes, p, kp, self.index)
 
-    def select(self, act: torch.Tensor, has_batch_dim: bool = True) -> torch.Tensor:
+    def select(self, act: Shaped[torch.Tensor, "*act"], has_batch_dim: bool = True) -> Shaped[torch.Tensor, "*sel"]:
         """This node's slice of an activation recorded at ``hook_name``."""
         return act[self.act_index(has_batch_dim)]
 
-    def value(self, cache) -> torch.Tensor:
+    def value(self, cache: Any) -> Shaped[torch.Tensor, "*sel"]:
         """This node's activation from an `ActivationCache` (or a dict of hook name -> tensor)."""
         if isinstance(cache, dict):
             if self.hook_name not in cache:

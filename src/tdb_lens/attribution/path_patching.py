@@ -25,7 +25,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from ..hooks import HookPoint
-from .inputs import PatchRuns, setup_runs
+from .inputs import MaskArg, PatchRuns, setup_runs
 from .metrics import MetricLike, per_group
 from .nodes import Node, NodeLike, as_nodes
 from .patch_core import chunks, group_by_hook, hook_names, normalise_position, patch_hooks, resolve_nodes
@@ -40,7 +40,7 @@ def _check_receivers(model: Any, receivers: list[Node]) -> None:
         if r.hook_name in model.hook_dict:
             lay = model.hook_layout(r.hook_name)
             n = lay.size(lay.axes[lay.unit_axis]) if lay.unit_axis is not None else None
-        if n is None or r.index >= n:  # type: ignore[operator]
+        if n is None or r.index >= n:
             raise ValueError(f"receiver {r}: the model has {L} layers and {n} heads at {r.site} "
                              "(k / v receivers name the key/value head on a grouped-query model)")
 
@@ -52,10 +52,13 @@ def _record_and_replay(model: Any, rep: torch.Tensor, rep_mask: Optional[torch.T
     recv_names = hook_names(recv)
     recorded: dict[str, torch.Tensor] = {}
 
-    def record(x: torch.Tensor, hook: HookPoint) -> None:
-        recorded[hook.name] = x
+    def record(name: str) -> Callable:
+        def hook(x: torch.Tensor, hook: HookPoint) -> None:
+            recorded[name] = x
 
-    with model.hooks(fwd_hooks=step1 + [(r, record) for r in recv_names]):
+        return hook
+
+    with model.hooks(fwd_hooks=step1 + [(r, record(r)) for r in recv_names]):
         logits = model(rep, attention_mask=rep_mask)
     if not recv:
         return logits
@@ -63,14 +66,19 @@ def _record_and_replay(model: Any, rep: torch.Tensor, rep_mask: Optional[torch.T
     for r in recv:
         by_name[r.hook_name].append(r)
 
-    def put(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-        x = x.clone()
-        for r in by_name[hook.name]:
-            idx = r.act_index(layout=hook.layout)
-            x[idx] = recorded[hook.name][idx]
-        return x
+    def put(name: str) -> Callable:
+        layout = model.hook_layout(name)
 
-    with model.hooks(fwd_hooks=[(name, put) for name in by_name]):
+        def hook(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+            x = x.clone()
+            for r in by_name[name]:
+                idx = r.act_index(layout=layout)
+                x[idx] = recorded[name][idx]
+            return x
+
+        return hook
+
+    with model.hooks(fwd_hooks=[(name, put(name)) for name in by_name]):
         return model(rep, attention_mask=rep_mask)
 
 
@@ -83,8 +91,8 @@ def path_patch(
     receivers: Optional[Sequence[NodeLike]] = None,
     direction: str = "denoise",
     normalise: bool = True,
-    clean_mask: Optional[torch.Tensor] = None,
-    corrupted_mask: Optional[torch.Tensor] = None,
+    clean_mask: MaskArg = None,
+    corrupted_mask: MaskArg = None,
     batch_rows: int = 256,
     progress: bool = True,
 ) -> Float[torch.Tensor, " n_senders"]:

@@ -13,12 +13,13 @@ A node without a position sums over positions (and, for pairs, over the missing 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 import torch
+from jaxtyping import Float
 
 from .nodes import Node, NodeLike, as_node
 from .results import Labelled, node_grid, pos_labels
@@ -39,13 +40,20 @@ class NodeScores:
     title: str = ""
 
     # -- lookup -------------------------------------------------------------------------------
+    def field(self, name: str) -> Float[torch.Tensor, " batch *rest"]:
+        """The values of family ``name`` (``"head"``, ``"attn"`` ...); a KeyError when these scores hold none."""
+        t = getattr(self, name)
+        if t is None:
+            raise KeyError(f"these scores ({self.title or 'untitled'}) hold no {name} values")
+        return t
+
     def _need(self, name: str, node: Node) -> torch.Tensor:
         t = getattr(self, name)
         if t is None:
             raise KeyError(f"{node}: these scores hold no {name} values")
         return t
 
-    def get(self, node: NodeLike) -> torch.Tensor:
+    def get(self, node: NodeLike) -> Float[torch.Tensor, " batch"]:
         """This node's score per prompt ``[batch]`` (summed over positions when it has none)."""
         n = as_node(node)
         P = slice(None) if n.pos is None else n.pos
@@ -68,21 +76,21 @@ class NodeScores:
         elif k == "sae_latent":
             if n.site not in self.sae:
                 raise KeyError(f"{n}: no SAE at {n.site!r} in these scores (have {list(self.sae)})")
-            v = self.sae[n.site][:, P, n.index]  # type: ignore[index]
+            v = self.sae[n.site][:, P, n.index]
         elif k == "sae_error":
             if n.site not in self.sae_error:
                 raise KeyError(f"{n}: no SAE at {n.site!r} in these scores (have {list(self.sae_error)})")
-            v = self.sae_error[n.site][:, P]  # type: ignore[index]
+            v = self.sae_error[n.site][:, P]
         else:
             raise KeyError(f"{n}: scores are kept for neurons, heads (z / pattern), attn, mlp, resid_pre, "
                            f"embeddings and SAE nodes, not for this node")
         return v.reshape(v.shape[0], -1).sum(-1)
 
-    def __getitem__(self, node: NodeLike) -> torch.Tensor:
+    def __getitem__(self, node: NodeLike) -> Float[torch.Tensor, " batch"]:
         return self.get(node)
 
     # -- enumeration --------------------------------------------------------------------------
-    def families(self) -> Iterator[tuple[str, torch.Tensor, object]]:
+    def families(self) -> Iterator[tuple[str, torch.Tensor, Callable[[tuple], Node]]]:
         """``(name, values [batch, ...], index -> Node)`` for every family present."""
         if self.embed is not None:
             yield "embed", self.embed, lambda i: Node.embed(i[0])
@@ -145,7 +153,7 @@ class NodeScores:
     # -- labelled views -----------------------------------------------------------------------
     def heads_grid(self, pos: Optional[int] = None) -> Labelled:
         """``[layer, head]`` batch means (summed over positions unless ``pos``)."""
-        h = self.head.float().mean(0)  # type: ignore[union-attr]  [L, P, H]
+        h = self.field("head").float().mean(0)  # [L, P, H]
         v = h.sum(1) if pos is None else h[:, pos]
         L, H = v.shape
         nodes = [Node.head(l, i, pos) for l in range(L) for i in range(H)]
@@ -154,7 +162,7 @@ class NodeScores:
 
     def heads_by_pos(self, str_tokens: Optional[Sequence[str]] = None) -> Labelled:
         """``[layer*head, pos]`` batch means."""
-        h = self.head.float().mean(0)  # type: ignore[union-attr]  [L, P, H]
+        h = self.field("head").float().mean(0)  # [L, P, H]
         L, P, H = h.shape
         v = h.permute(0, 2, 1).reshape(L * H, P)
         nodes = [Node.head(l, i, p) for l in range(L) for i in range(H) for p in range(P)]
@@ -163,7 +171,7 @@ class NodeScores:
 
     def neurons_grid(self, layer: int) -> Labelled:
         """``[pos, neuron]`` batch means for one layer."""
-        v = self.neuron[:, layer].float().mean(0)  # type: ignore[index]
+        v = self.field("neuron")[:, layer].float().mean(0)
         P, N = v.shape
         nodes = [Node.neuron(layer, n, p) for p in range(P) for n in range(N)]
         return Labelled(v, ("pos", "neuron"), (pos_labels(P), [str(n) for n in range(N)]),
@@ -171,8 +179,8 @@ class NodeScores:
 
     def layers_grid(self) -> Labelled:
         """``[layer, (attn, mlp)]`` batch means summed over positions."""
-        a = self.attn.float().mean(0).sum(-1)  # type: ignore[union-attr]
-        m = self.mlp.float().mean(0).sum(-1)  # type: ignore[union-attr]
+        a = self.field("attn").float().mean(0).sum(-1)
+        m = self.field("mlp").float().mean(0).sum(-1)
         L = a.shape[0]
         nodes = [n for l in range(L) for n in (Node.attn_out(l), Node.mlp_out(l))]
         return Labelled(torch.stack([a, m], -1), ("layer", "component"), ([str(l) for l in range(L)], ["attn", "mlp"]),
@@ -180,8 +188,8 @@ class NodeScores:
 
     def layers_by_pos(self, str_tokens: Optional[Sequence[str]] = None) -> Labelled:
         """``[layer x (attn, mlp), pos]`` batch means."""
-        a = self.attn.float().mean(0)  # type: ignore[union-attr]  [L, P]
-        m = self.mlp.float().mean(0)  # type: ignore[union-attr]
+        a = self.field("attn").float().mean(0)  # [L, P]
+        m = self.field("mlp").float().mean(0)
         L, P = a.shape
         v = torch.stack([a, m], 1).reshape(2 * L, P)
         nodes = [f(l, p) for l in range(L) for f in (Node.attn_out, Node.mlp_out) for p in range(P)]

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
+from jaxtyping import Float
 
 from .nodes import Node, NodeLike, as_nodes
 
@@ -90,7 +91,8 @@ def _apply(x: torch.Tensor, mode: str, value) -> torch.Tensor:
     return x * value
 
 
-def steer_nodes(nodes: Sequence[NodeLike], mode: str = "clamp", value: Union[float, Sequence[float], torch.Tensor] = 0.0,
+def steer_nodes(nodes: Union[NodeLike, Sequence[NodeLike]], mode: str = "clamp",
+                value: Union[float, Sequence[float], Float[torch.Tensor, " *n_nodes"]] = 0.0,
                 positions: Positions = None, steering: Optional[Steering] = None) -> Steering:
     """Clamp / add / scale the activations of ``nodes`` (scalar nodes: neurons, latents, pattern
     entries; for vector nodes the whole vector). ``value``: one number or one per node."""
@@ -139,7 +141,7 @@ def steer_nodes(nodes: Sequence[NodeLike], mode: str = "clamp", value: Union[flo
     return st
 
 
-def steer_direction(hook_name: str, direction: torch.Tensor, mode: str = "add", value: float = 1.0,
+def steer_direction(hook_name: str, direction: Float[torch.Tensor, " d"], mode: str = "add", value: float = 1.0,
                     positions: Positions = None, steering: Optional[Steering] = None) -> Steering:
     """Steer along ``direction`` ``[d]`` at ``hook_name`` (an activation ``[batch, pos, d]``)."""
     if mode not in MODES:
@@ -172,7 +174,8 @@ def steer_direction(hook_name: str, direction: torch.Tensor, mode: str = "add", 
     return st
 
 
-def steering_hooks(targets, mode: str = "add", value=1.0, positions: Positions = None,
+def steering_hooks(targets: Union[Sequence[NodeLike], NodeLike, Float[torch.Tensor, " d"]], mode: str = "add",
+                   value: Any = 1.0, positions: Positions = None,
                    hook_name: Optional[str] = None) -> Steering:
     """One entry point: ``targets`` is nodes (see `steer_nodes`) or a direction tensor (then
     ``hook_name`` says where, see `steer_direction`)."""

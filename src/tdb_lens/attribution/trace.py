@@ -20,7 +20,7 @@ from jaxtyping import Float
 
 from .act_grad import ALL_KINDS, node_names, score_nodes
 from .gradients import run_with_grads
-from .inputs import prepare
+from .inputs import MaskArg, prepare
 from .nodes import Node, NodeLike, as_node
 from .scores import NodeScores
 
@@ -59,7 +59,7 @@ def trace_upstream(
     model: Any,
     input: Any,
     target: NodeLike,
-    attention_mask: Optional[torch.Tensor] = None,
+    attention_mask: MaskArg = None,
     direction: Optional[Float[torch.Tensor, " d"]] = None,
     kinds: Sequence[str] = ALL_KINDS,
     include_pairs: bool = False,

@@ -21,9 +21,9 @@ Everything here composes the tools of :mod:`tdb_lens.attribution` over the IOI p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from jaxtyping import Float
@@ -165,21 +165,22 @@ class IOIContext:
             keep_mask[l, h] = True
         delta: dict[str, torch.Tensor] = {}  # z hook -> z as computed minus its mean
 
-        def hook(z: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-            l = hook.layer()
-            if l is None:
-                raise ValueError(f"hook {hook.name!r} is not in a block")
-            mean = self.mean_z(l, groups, z)
-            delta[hook.name] = z.detach() - mean
-            k = keep_mask[l].to(z.device)[None, None, :, None]
-            # what the rest of the model sees; its gradient (also at the ablated slots) is dLD/dz
-            return torch.where(k, z, mean)
+        def ablate(l: int, name: str) -> Callable:
+            def hook(z: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+                mean = self.mean_z(l, groups, z)
+                delta[name] = z.detach() - mean
+                k = keep_mask[l].to(z.device)[None, None, :, None]
+                # what the rest of the model sees; its gradient (also at the ablated slots) is dLD/dz
+                return torch.where(k, z, mean)
+
+            return hook
 
         sub = b[rows]
         names = [m.hook_name("z", l) for l in range(self.n_layers)]
         # the gradient is of the batch mean, so the sums below are mean effects per prompt
         grun = run_with_grads(m, sub.tokens, lambda resid, acts: end_logit_diff(m, resid, sub).mean(), names,
-                              sub.attention_mask, fwd_hooks=[(n, hook) for n in names], stop_at_layer=self.n_layers)
+                              sub.attention_mask, fwd_hooks=[(n, ablate(l, n)) for l, n in enumerate(names)],
+                              stop_at_layer=self.n_layers)
         mask = sub.attention_mask[:, :, None].to(grun.grads[names[0]].dtype)
         est = torch.stack([((grun.grads[n] * delta[n]).sum(-1) * mask).sum((0, 1)).cpu() for n in names])
         return float(grun.values), est
@@ -212,7 +213,7 @@ def attribution_by_position(ctx: IOIContext) -> dict[str, HeadScores]:
     return _position_scores(ctx, grun, names, abc_cache)
 
 
-def _position_scores(ctx: IOIContext, grun: GradRun, names: list[str], abc_cache: dict) -> dict[str, HeadScores]:
+def _position_scores(ctx: IOIContext, grun: GradRun, names: list[str], abc_cache: Any) -> dict[str, HeadScores]:
     """grad . (z - reference) per head: at END, S2 and S1+1 against the ABC run, summed over
     positions against the per-template means."""
     b = ctx.clean
@@ -316,7 +317,7 @@ class IOICircuit:
         return rows
 
 
-def _ranked(scores: HeadScores, exclude: set[Head] = frozenset(), min_value: float = float("-inf")) -> list[Head]:
+def _ranked(scores: HeadScores, exclude: Collection[Head] = (), min_value: float = float("-inf")) -> list[Head]:
     """Heads by descending score, above ``min_value``, without ``exclude``."""
     H = scores.shape[1]
     flat = scores.flatten()
@@ -388,50 +389,10 @@ def discover(
     classes["s_inhibition"] = sorted((h for h in pp if pp[h] < -small), key=lambda h: pp[h])[:n_s_inhibition]
     chosen |= set(classes["s_inhibition"])
 
-    # induction / duplicate-token heads matter at S2, previous-token heads at S1+1 (either sign:
-    # patching one position of a nonlinear circuit can move the metric both ways)
-    for h in _ranked(attr["s2"].abs(), chosen, small):
-        k = _detector_class(det, h, detector_threshold, ("induction", "duplicate_token"))
-        if k is not None and len(classes[k]) < n_induction:
-            classes[k].append(h)
-    chosen |= set(classes["induction"]) | set(classes["duplicate_token"])
-    for h in _ranked(attr["s1_plus_1"].abs(), chosen, small):
-        if _detector_class(det, h, detector_threshold, ("previous_token",)) and len(classes["previous_token"]) < n_previous:
-            classes["previous_token"].append(h)
-    chosen |= set(classes["previous_token"])
-
-    # complete: attribution patching around the circuit ranks the heads whose restoration should
-    # help most; add the best few, re-linearise, until the faithfulness reaches the target
+    _add_detected_classes(classes, chosen, attr, det, small, detector_threshold, n_induction, n_previous)
     progress("completing the circuit")
-    base = float(ctx.clean_ld[search].mean())
-    ld_c, est = ctx.circuit_attribution(chosen, search)
-    f = ld_c / base
-    log.append(f"classified heads: {len(chosen)}, faithfulness {f:.3f} (search prompts)")
-    while f < target_faithfulness and len(chosen) < max_heads:
-        add = _ranked(est, chosen, 0.0)[: min(add_per_step, max_heads - len(chosen))]
-        if not add:
-            break
-        chosen |= set(add)
-        classes["other"] += add
-        ld_c, est = ctx.circuit_attribution(chosen, search)
-        f = ld_c / base
-        log.append(f"+{', '.join(head_str(h) for h in add)} -> {len(chosen)} heads, faithfulness {f:.3f}")
-
-    # prune: try the heads the circuit is estimated to need least, keeping the faithfulness in
-    # [target, 2 - target] and no further from 1 than it was
-    progress("pruning")
-    hi = 2 - target_faithfulness
-    trials = sorted(chosen, key=lambda h: abs(float(est[h])))[:prune_trials]
-    for h in trials:
-        if len(chosen) <= 1:
-            break
-        f2 = ctx.faithfulness(chosen - {h}, search)
-        if target_faithfulness <= f2 <= hi and abs(f2 - 1) <= abs(f - 1) + 0.02:
-            chosen.discard(h)
-            f = f2
-            log.append(f"-{head_str(h)} -> {len(chosen)} heads, faithfulness {f:.3f}")
-    for k in classes:
-        classes[k] = [h for h in classes[k] if h in chosen]
+    _complete_and_prune(ctx, classes, chosen, search, log, target_faithfulness, max_heads, add_per_step, prune_trials,
+                        progress)
     # heads the completion added that a detector recognises join that detector's class
     for h in list(classes["other"]):
         k = _detector_class(det, h, detector_threshold, ("induction", "duplicate_token", "previous_token"))
@@ -449,6 +410,59 @@ def discover(
         out.completeness = completeness(ctx, chosen)
         out.minimality = minimality(ctx, chosen, circuit_ld)
     return out
+
+
+def _add_detected_classes(classes: dict[str, list[Head]], chosen: set[Head], attr: dict[str, HeadScores],
+                          det: dict[str, HeadScores], small: float, threshold: float, n_induction: int,
+                          n_previous: int) -> None:
+    """Induction / duplicate-token heads matter at S2, previous-token heads at S1+1 (either sign:
+    patching one position of a nonlinear circuit can move the metric both ways); the detectors
+    say which. Adds them to ``classes`` and ``chosen``."""
+    for h in _ranked(attr["s2"].abs(), chosen, small):
+        k = _detector_class(det, h, threshold, ("induction", "duplicate_token"))
+        if k is not None and len(classes[k]) < n_induction:
+            classes[k].append(h)
+    chosen |= set(classes["induction"]) | set(classes["duplicate_token"])
+    for h in _ranked(attr["s1_plus_1"].abs(), chosen, small):
+        if _detector_class(det, h, threshold, ("previous_token",)) and len(classes["previous_token"]) < n_previous:
+            classes["previous_token"].append(h)
+    chosen |= set(classes["previous_token"])
+
+
+def _complete_and_prune(ctx: IOIContext, classes: dict[str, list[Head]], chosen: set[Head], search: torch.Tensor,
+                        log: list[str], target_faithfulness: float, max_heads: int, add_per_step: int,
+                        prune_trials: int, progress: Callable[[str], None]) -> None:
+    """Complete: attribution patching around the circuit ranks the heads whose restoration should
+    help most; add the best few, re-linearise, until the faithfulness reaches the target. Then
+    prune: try the heads the circuit is estimated to need least, keeping the faithfulness in
+    [target, 2 - target] and no further from 1 than it was. Updates ``classes`` and ``chosen``."""
+    base = float(ctx.clean_ld[search].mean())
+    ld_c, est = ctx.circuit_attribution(chosen, search)
+    f = ld_c / base
+    log.append(f"classified heads: {len(chosen)}, faithfulness {f:.3f} (search prompts)")
+    while f < target_faithfulness and len(chosen) < max_heads:
+        add = _ranked(est, chosen, 0.0)[: min(add_per_step, max_heads - len(chosen))]
+        if not add:
+            break
+        chosen |= set(add)
+        classes["other"] += add
+        ld_c, est = ctx.circuit_attribution(chosen, search)
+        f = ld_c / base
+        log.append(f"+{', '.join(head_str(h) for h in add)} -> {len(chosen)} heads, faithfulness {f:.3f}")
+
+    progress("pruning")
+    hi = 2 - target_faithfulness
+    trials = sorted(chosen, key=lambda h: abs(float(est[h])))[:prune_trials]
+    for h in trials:
+        if len(chosen) <= 1:
+            break
+        f2 = ctx.faithfulness(chosen - {h}, search)
+        if target_faithfulness <= f2 <= hi and abs(f2 - 1) <= abs(f - 1) + 0.02:
+            chosen.discard(h)
+            f = f2
+            log.append(f"-{head_str(h)} -> {len(chosen)} heads, faithfulness {f:.3f}")
+    for k in classes:
+        classes[k] = [h for h in classes[k] if h in chosen]
 
 
 def completeness(ctx: IOIContext, circuit: set[Head], n_samples: int = 4, seed: int = 0) -> float:
