@@ -93,6 +93,23 @@ def needs_token(host: str) -> bool:
     return host not in LOOPBACK
 
 
+def _require_token(app, token: str) -> None:
+    """Refuse (403) every request without ``token`` (query ``?token=``, header or cookie)."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    @app.middleware("http")
+    async def check_token(request: Request, call_next):
+        given = (request.query_params.get("token") or request.headers.get("x-tdb-token")
+                 or request.cookies.get("tdb_token") or "")
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return JSONResponse({"detail": "missing or wrong access token (open the URL the server printed)"}, 403)
+        response = await call_next(request)
+        if request.query_params.get("token"):
+            response.set_cookie("tdb_token", token, httponly=True, samesite="strict")
+        return response
+
+
 def create_app(inv: Investigation, token: Optional[str] = None):
     """The FastAPI app serving ``inv`` (its model, SAEs, store and harvests). ``token``: required
     on every request when given (pass one whenever the app is bound to anything but loopback)."""
@@ -107,18 +124,8 @@ def create_app(inv: Investigation, token: Optional[str] = None):
     lock = threading.Lock()
     static = resources.files("tdb_lens.debugger") / "static"
 
-    @app.middleware("http")
-    async def check_token(request: Request, call_next):
-        if token is None:
-            return await call_next(request)
-        given = (request.query_params.get("token") or request.headers.get("x-tdb-token")
-                 or request.cookies.get("tdb_token") or "")
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            return JSONResponse({"detail": "missing or wrong access token (open the URL the server printed)"}, 403)
-        response = await call_next(request)
-        if request.query_params.get("token"):
-            response.set_cookie("tdb_token", token, httponly=True, samesite="strict")
-        return response
+    if token is not None:
+        _require_token(app, token)
 
     @app.exception_handler(DebuggerError)
     async def bad_request(request: Request, exc: DebuggerError):
