@@ -110,11 +110,29 @@ def _require_token(app, token: str) -> None:
         return response
 
 
+def _static_routes(app) -> None:
+    """The page and its two files, shipped in the package (a fixed list: no path from a request)."""
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+    static = resources.files("tdb_lens.debugger") / "static"
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return (static / "index.html").read_text(encoding="utf-8")
+
+    @app.get("/static/{name}")
+    def static_file(name: str) -> Response:
+        files = {"app.js": "text/javascript", "style.css": "text/css"}
+        if name not in files:  # a fixed list: nothing from the request reaches the file system
+            return JSONResponse({"detail": f"no static file {name!r}"}, 404)
+        return Response((static / name).read_text(encoding="utf-8"), media_type=files[name])
+
+
 def create_app(inv: Investigation, token: Optional[str] = None):
     """The FastAPI app serving ``inv`` (its model, SAEs, store and harvests). ``token``: required
     on every request when given (pass one whenever the app is bound to anything but loopback)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from fastapi.responses import JSONResponse
 
     if inv.store is not None and not isinstance(inv.store, ThreadLocalStore):
         if getattr(inv.store, "path", ":memory:") == ":memory:":
@@ -122,7 +140,7 @@ def create_app(inv: Investigation, token: Optional[str] = None):
         inv.store = ThreadLocalStore(inv.store.path)
     app = FastAPI(title="tdb_lens debugger", docs_url=None, redoc_url=None, openapi_url=None)
     lock = threading.Lock()
-    static = resources.files("tdb_lens.debugger") / "static"
+    _static_routes(app)
 
     if token is not None:
         _require_token(app, token)
@@ -138,10 +156,6 @@ def create_app(inv: Investigation, token: Optional[str] = None):
                 return fn()
             except (KeyError, IndexError) as e:
                 raise DebuggerError(str(e).strip("'\"")) from None
-
-    @app.get("/", response_class=HTMLResponse)
-    def index() -> str:
-        return (static / "index.html").read_text(encoding="utf-8")
 
     @app.get("/api/info")
     def info() -> dict:
@@ -188,13 +202,6 @@ def create_app(inv: Investigation, token: Optional[str] = None):
     @app.post("/api/generate")
     def generate(req: GenerateIn) -> dict:
         return run(req, lambda: inv.generate(req.max_new_tokens))
-
-    @app.get("/static/{name}")
-    def static_file(name: str) -> Response:
-        files = {"app.js": "text/javascript", "style.css": "text/css"}
-        if name not in files:  # a fixed list: nothing from the request reaches the file system
-            return JSONResponse({"detail": f"no static file {name!r}"}, 404)
-        return Response((static / name).read_text(encoding="utf-8"), media_type=files[name])
 
     return app
 
