@@ -383,6 +383,23 @@ def test_tiny_gguf_model_matches_transformers_gguf_load(tmp_path, untied):
                                atol=1e-4, rtol=0)  # fmt: skip
 
 
+@torch.no_grad()
+def test_tiny_qwen2_gguf_matches_transformers_gguf_load(tmp_path):
+    """qwen2: q/k/v biases, rows not permuted by the converter; against transformers' GGUF loader."""
+    import tdb_lens
+
+    path = tmp_path / "qwen.gguf"
+    write_tiny_llama(path, arch="qwen2", types={"blk.0.attn_q.weight": QT.Q8_0, "blk.0.ffn_up.weight": QT.Q4_1})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=path.name, dtype=torch.float32, local_files_only=True).eval()  # fmt: skip
+    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    model = tdb_lens.load(str(path))
+    assert model.cfg.model_type == "qwen2" and model.cfg.attention_bias
+    assert model.blocks[0].attn.b_Q.abs().sum() > 0
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 20), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
+
+
 def test_load_reports_corrupt_and_unsupported_files(tmp_path):
     """The same clear errors through the public entry points (tdb_lens.load, HookedLlama.from_gguf)."""
     import tdb_lens
