@@ -41,6 +41,14 @@ def test_version(capsys):
     assert out.returncode == 0 and out.stdout.strip() == f"tdb-lens {tdb_lens.__version__}"
 
 
+def test_user_error_from_a_real_process_is_one_line(tmp_path):
+    """Through ``python -m tdb_lens.cli`` (the module runs as __main__): still one line, exit 2."""
+    out = subprocess.run([sys.executable, "-m", "tdb_lens.cli", "ioi", "--max-heads", "-3", "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == "tdb-lens ioi: error: --max-heads must be at least 1, got -3"
+
+
 def test_unknown_command(capsys):
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err

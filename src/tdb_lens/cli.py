@@ -52,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     from .allocator import keep_freed_memory_from_env
 
     keep_freed_memory_from_env()
+    from .distributed_cli import run_under_torchrun  # None in a plain process
+
+    status = run_under_torchrun(cmd, rest)
+    if status is not None:
+        return status
     module = importlib.import_module(SUBCOMMANDS[cmd][0])
     try:
         return int(module.main(rest) or 0)
@@ -64,4 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # ``python -m tdb_lens.cli``: run the package's module, whose UsageError the subcommands raise
+    from tdb_lens.cli import main as package_main
+
+    sys.exit(package_main())
