@@ -17,12 +17,17 @@ only the float64 sums behind mean and std are added in another order.
 A killed rank makes torchrun fail the job (non-zero exit; the other ranks are stopped). Running the
 same command again (or torchrun's ``--max-restarts``) resumes every rank from its last complete
 batch. A rerun with another world size is refused (its batches would overlap the old shards).
+
+`consolidate` turns a finished sharded harvest into an ordinary one-directory harvest (one worker
+holding every batch), which `harvest` with the same arguments reads back without running the
+model (what ``tdb-lens explain`` does under torchrun).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -30,8 +35,9 @@ from ..corpus import Corpus
 from ..distributed import Dist
 from ..distributed import init as dist_init
 from .harvest import HarvestResult, harvest, load_harvest
+from .harvest_state import _State
 
-__all__ = ["harvest_sharded", "load_sharded", "shard_dirs", "shard_dir"]
+__all__ = ["harvest_sharded", "load_sharded", "shard_dirs", "shard_dir", "consolidate"]
 
 _SHARD = re.compile(r"rank-(\d+)-of-(\d+)")
 
@@ -98,3 +104,38 @@ def load_sharded(out_dir: Union[str, os.PathLike]) -> HarvestResult:
     if not have:
         raise FileNotFoundError(f"no shard under {out_dir} has started harvesting yet")
     return load_harvest(*have)
+
+
+def consolidate(out_dir: Union[str, os.PathLike], dest: Union[str, os.PathLike]) -> HarvestResult:
+    """Write the finished sharded harvest in ``out_dir`` to ``dest`` as a 1-worker harvest directory
+    (manifest, corpus, ``worker-0-of-1`` with the merged state and every window-score file, the state
+    written last), and return it loaded. ``dest`` must be new or hold no worker yet."""
+    merged = load_sharded(out_dir)
+    if not merged.complete:
+        bs = merged.config.batch_size
+        missing = sorted(set(range((merged.tokens.shape[0] + bs - 1) // bs)) - set(merged.done_batches))[:5]
+        raise ValueError(f"the sharded harvest in {out_dir} is not finished (batches {missing}... missing): "
+                         "run the same torchrun command again to complete it")
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.glob("worker-*-of-*"))):
+        raise ValueError(f"{dest} already holds a harvest worker (or is a file); consolidate into a new directory")
+    _, dirs = shard_dirs(out_dir)
+    wdir = dest / "worker-0-of-1"
+    (wdir / "wmax").mkdir(parents=True, exist_ok=True)
+    for name in ("corpus.safetensors", "manifest.json"):  # the manifest last: it marks a harvest directory
+        shutil.copyfile(dirs[0] / name, dest / name)
+    state: Optional[_State] = None
+    for shard in dirs:
+        for worker in sorted(shard.glob("worker-*-of-*")):
+            st = _State.load(worker / "state.safetensors")
+            starts = {b * merged.config.batch_size for b in st.done}
+            for f in (worker / "wmax").glob("*.safetensors"):
+                if int(f.stem) in starts:
+                    shutil.copyfile(f, wdir / "wmax" / f.name)
+            if state is None:
+                state = st
+            else:
+                state.merge(st)
+    assert state is not None
+    state.save(wdir / "state.safetensors")
+    return load_harvest(dest)

@@ -1,0 +1,136 @@
+"""``torchrun --nproc_per_node 2 -m tdb_lens ...`` (gloo, one thread per rank): ``explain`` shards the
+harvest over the ranks and stores the same explanations and scores as the 1-process command;
+``sae train`` trains with DDP and rank 0 writes and evaluates the SAE; one-process commands are
+refused with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from _dist_launch import HERE, explain
+from tdb_lens.explain.cli import main as explain_main
+from tdb_lens.explain.harvest import load_harvest
+from tdb_lens.explain.store import ExplanationStore
+from tdb_lens.models.gpt2 import GPT2Config, HookedGPT2
+
+WORDS = ("the cat sat on a mat while dogs ran past quickly and birds sang songs about rain sun wind "
+         "trees rivers mountains people walked talked laughed").split()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random GPT-2 saved as a Hugging Face folder (what `tdb_lens.load` reads)."""
+    d = tmp_path_factory.mktemp("gpt2tiny")
+    cfg = GPT2Config(n_layers=2, n_heads=2, d_model=16, d_mlp=32, n_ctx=64)
+    m = HookedGPT2.from_config(cfg, seed=0)
+
+    def hf_name(k: str) -> str:
+        k = k.replace(".ln1.", ".ln_1.").replace(".ln2.", ".ln_2.")
+        k = "h." + k[len("blocks."):] if k.startswith("blocks.") else k
+        return "ln_f." + k[len("ln_final."):] if k.startswith("ln_final.") else k
+
+    save_file({hf_name(k): v.contiguous() for k, v in m.state_dict().items()}, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(cfg.to_hf()))
+    return d
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    paras = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (40,), generator=g).tolist()) for _ in range(60)]
+    p = tmp_path_factory.mktemp("corpus") / "text.txt"
+    p.write_text("\n\n".join(paras))
+    return p
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The in-process reference runs on one thread, as each rank does (the same kernels, the same sums)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tdb_lens_torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", TDB_LENS_KEEP_FREED_MEMORY="0", PYTHONPATH=str(HERE))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "tdb_lens",
+           *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def explain_args(model_dir, corpus, db: Path) -> list[str]:
+    return ["--model", str(model_dir), "--hook", "blocks.1.mlp.hook_post", "--units", "0-3", "--corpus", str(corpus),
+            "--n-windows", "32", "--ctx-len", "16", "--batch-size", "4", "--explainer", "top-tokens",
+            "--scores", "correlation", "--db", str(db), "--no-progress"]
+
+
+def stored(db: Path) -> list[tuple]:
+    with ExplanationStore(db) as store:
+        return [(r.hook, r.unit, r.text, r.explainer, r.scores) for r in store.explanations()]
+
+
+def harvest_dir(db: Path) -> Path:
+    found = [p.parent for p in db.with_name(f"{db.stem}-harvest").glob("*/manifest.json")]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_explain_under_torchrun_equals_the_one_process_command(model_dir, corpus, tmp_path):
+    ref_db = tmp_path / "one" / "ex.db"
+    ref_db.parent.mkdir()
+    assert explain_main(explain_args(model_dir, corpus, ref_db)) == 0
+    db = tmp_path / "two" / "ex.db"
+    db.parent.mkdir()
+    proc = tdb_lens_torchrun("explain", *explain_args(model_dir, corpus, db))
+    assert proc.returncode == 0, explain(proc)
+    # the harvest ran on both ranks, one shard each, and was consolidated where the command looks
+    hdir = harvest_dir(db)
+    shards = hdir.with_name(hdir.name + ".shards")
+    assert sorted(p.name for p in shards.iterdir()) == ["rank-0-of-2", "rank-1-of-2"]
+    got, ref = load_harvest(hdir), load_harvest(harvest_dir(ref_db))
+    assert got.complete and got.units == ref.units == [0, 1, 2, 3]
+    for name in ("top_values", "top_windows", "top_acts", "sample_windows", "sample_acts", "quantile_edges",
+                 "random_windows", "random_acts"):
+        assert torch.equal(getattr(got, name).nan_to_num(-7.0), getattr(ref, name).nan_to_num(-7.0)), name
+    # the same explanations and scores in the store
+    rows, ref_rows = stored(db), stored(ref_db)
+    assert len(rows) == 4 and [r[:4] for r in rows] == [r[:4] for r in ref_rows]
+    for (*_, scores), (*_, ref_scores) in zip(rows, ref_rows):
+        assert scores.keys() == ref_scores.keys()
+        for k in scores:
+            assert scores[k] == pytest.approx(ref_scores[k], rel=1e-5, abs=1e-6, nan_ok=True)
+    assert "[rank 0/2] harvesting 4 units" in proc.stderr
+
+
+def test_sae_train_under_torchrun(model_dir, corpus, tmp_path):
+    out = tmp_path / "sae"
+    proc = tdb_lens_torchrun("sae", "train", "--model", str(model_dir), "--hook", "blocks.0.hook_resid_post", "--corpus",
+                             str(corpus), "--context-size", "32", "--k", "4", "--d-sae", "64", "--tokens", "4096",
+                             "--batch-size", "256", "--eval-tokens", "256", "--checkpoint-every", "5", "--out", str(out),
+                             "--quiet")
+    assert proc.returncode == 0, explain(proc)
+    for f in ("cfg.json", "sae_weights.safetensors", "metrics.json", "training_log.json"):
+        assert (out / f).is_file(), f
+    history = json.loads((out / "training_log.json").read_text())["history"]
+    assert history[-1]["step"] == 4096 // 256 and history[-1]["activations"] == 4096
+    state = json.loads((out / "checkpoints" / "step-15" / "trainer.json").read_text())["data_state"]
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2
+    assert proc.stdout.count("trained 16 steps (4096 activations)") == 1  # rank 0 reports, once
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 < metrics["l0"] <= 4
+
+
+def test_one_process_commands_are_refused_under_torchrun(model_dir):
+    proc = tdb_lens_torchrun("hooks", "--model", str(model_dir))
+    assert proc.returncode != 0
+    assert "tdb-lens hooks: error: runs in one process" in proc.stderr
