@@ -83,3 +83,23 @@ def test_ordering_and_helpers():
     assert Node.parse("L0.H1@3>2").unit == Node.head(0, 1, site="pattern")
     assert Node.parse("L0.H1@3").at(-1) == Node.parse("L0.H1@-1")
     assert Node.parse("L0.H1@3").with_site("q") == Node.parse("L0.H1.q@3")
+
+
+def test_node_axes_follow_the_model_layouts():
+    """Each node's declared axes are those of its hook point's layout in real models (both families),
+    and indexing through the model's layout selects the same entries as the node's own axes."""
+    from _attribution_models import make_model
+
+    for family in ("gpt2", "llama"):
+        m = make_model(family)
+        for s in ["L1.N3@2", "L0.H1@4", "L0.H1.q@1", "L1.H1.k@3", "L1.H0.v", "L0.H2@5>1", "L1.H3.scores@4>4",
+                  "L0.H0.result@2", "L1.R.mid@3", "L0.R.post", "L1.ATTN@0", "L0.MLP@6", "E@2"]:
+            n = Node.parse(s)
+            if n.hook_name not in m.hook_dict:
+                continue  # hook_result only where the model records it
+            lay = m.hook_layout(n.hook_name)
+            assert lay.axes == n.axes, (family, s)
+            assert lay.pos_axis == n.pos_axis and (n.unit_axis is None or lay.unit_axis == n.unit_axis)
+            assert n.act_index(layout=lay) == n.act_index()
+        k = Node.parse("L0.H1.k")
+        assert m.hook_layout(k.hook_name).size(k.axes[k.unit_axis]) == getattr(m.cfg, "n_key_value_heads", m.cfg.n_heads)

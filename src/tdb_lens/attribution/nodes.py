@@ -351,6 +351,13 @@ class Node:
         return next(i for i, a in enumerate(self.axes) if a in POSITION_AXES)
 
     @property
+    def unit_axis(self) -> Optional[int]:
+        """The axis of that activation holding this node's unit (head, neuron, latent); None for vectors."""
+        if self.index is None:
+            return None
+        return next(i for i, a in enumerate(self.axes) if a in UNIT_AXES)
+
+    @property
     def is_pair(self) -> bool:
         """True for head nodes indexing ``[batch, head, q, k]`` (pattern / scores)."""
         return "key_pos" in self.axes
