@@ -90,21 +90,59 @@ def test_bad_metadata_is_refused_naming_the_key(tmp_path, case):
         tdb_lens.load(str(path))
 
 
-def test_llama31_rope_freqs_refused_unless_all_ones(tmp_path):
-    """Llama 3.1/3.2 files keep their RoPE scaling in rope_freqs.weight; it was read and dropped before."""
+def llama3_rope_factors(d_head: int, theta: float, factor: float, low: float, high: float, old: int) -> np.ndarray:
+    """rope_freqs.weight as llama.cpp's convert_hf_to_gguf.py writes it for a Llama 3.1 rope_scaling."""
+    out = []
+    for freq in 1.0 / theta ** (np.arange(0, d_head, 2) / d_head):
+        wavelen = 2 * np.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, np.float32)
+
+
+@torch.no_grad()
+def test_llama31_rope_freqs_are_applied_as_transformers_llama3_scaling(tmp_path):
+    """Llama 3.1/3.2 GGUF files keep their RoPE scaling in rope_freqs.weight (it was read and dropped
+    before). Reference: transformers' LlamaForCausalLM with the rope_scaling those factors were made from
+    (original context 32, head size 32: the untouched, smoothed and scaled regimes all occur)."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}  # fmt: skip
+    factors = llama3_rope_factors(HD, 10000.0, 8.0, 1.0, 4.0, 32)
+    assert len(set(factors.round(4).tolist())) > 3  # 1, 8 and values between
     path = tmp_path / "llama31.gguf"
-    write_tiny_llama(path, extra={"rope_freqs.weight": np.linspace(1.0, 8.0, HD // 2)})
-    with pytest.raises(GGUFError, match=r"tensor 'rope_freqs\.weight' holds RoPE frequency factors .*1\.\.8.* does not apply"):
-        tdb_lens.load(str(path))
-    write_tiny_llama(path, extra={"rope_freqs.weight": np.ones(HD // 2 + 1)})
-    with pytest.raises(GGUFError, match=r"'rope_freqs\.weight' has shape \[17\], expected \[16\]"):
-        tdb_lens.load(str(path))
-    # factors of exactly 1 change nothing: the same model as the file without them
-    write_tiny_llama(path, extra={"rope_freqs.weight": np.ones(HD // 2)})
+    write_tiny_llama(path, extra={"rope_freqs.weight": factors})
+    ck = read_gguf(path, progress=False)
+    assert ck.settings.rope_freq_factors == tuple(factors.tolist())
+    model = tdb_lens.load(str(path))
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**ck.settings.hf_config(), rope_scaling=scaling)).eval()
+    hf.load_state_dict(ck.tensors, strict=True)
+    tokens = torch.randint(0, ck.settings.d_vocab, (2, 60), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
     plain = tmp_path / "plain.gguf"
     write_tiny_llama(plain)
-    tokens = torch.arange(20)[None]
+    assert (tdb_lens.load(str(plain))(tokens) - model(tokens)).abs().max() > 1e-2
+    # factors of exactly 1 change nothing: the same model as the file without them
+    write_tiny_llama(path, extra={"rope_freqs.weight": np.ones(HD // 2)})
+    assert read_gguf(path, progress=False).settings.rope_freq_factors is None
     assert torch.equal(tdb_lens.load(str(path))(tokens), tdb_lens.load(str(plain))(tokens))
+
+
+@pytest.mark.parametrize("factors,message", [
+    (np.ones(HD // 2 + 1), r"'rope_freqs\.weight' has shape \[17\], expected \[16\]"),
+    (np.r_[np.ones(HD // 2 - 1), 0.0], r"'rope_freqs\.weight' holds RoPE frequency factors <= 0 \(0\)"),
+    (np.r_[np.ones(HD // 2 - 1), np.nan], r"'rope_freqs\.weight' holds 1 NaN or infinite values"),
+    (np.r_[1e-38, np.ones(HD // 2 - 1)], r"'rope_freqs\.weight' holds RoPE frequency factors down to 1e-38: .* overflow"),
+])  # fmt: skip
+def test_bad_rope_freqs_are_refused(tmp_path, factors, message):
+    path = tmp_path / "bad.gguf"
+    write_tiny_llama(path, extra={"rope_freqs.weight": factors})
+    with pytest.raises(GGUFError, match=message):
+        tdb_lens.load(str(path))
 
 
 def test_unknown_tensors_are_refused(tmp_path):

@@ -10,8 +10,9 @@ offline default Llama model.
 
 Nothing is silently dropped: a file whose layout is inconsistent (tensor offsets, sizes, duplicate
 names), whose metadata is impossible or asks for something not implemented (RoPE scaling other than
-linear, partial rotary, Llama 3.1's ``rope_freqs.weight`` factors, unknown architecture keys or
-tensors), or whose weights hold NaN/Inf raises :class:`GGUFError` naming the key or tensor.
+linear, partial rotary, unknown architecture keys or tensors), or whose weights hold NaN/Inf raises
+:class:`GGUFError` naming the key or tensor. Llama 3.1/3.2's ``rope_freqs.weight`` (their long-context
+RoPE scaling) is applied, as llama.cpp applies it.
 
 GGUF layout reminders: a tensor's GGUF shape lists the fastest-varying dimension first, so ``[in, out]``
 in GGUF is ``[out, in]`` row-major; quantized types store blocks of 32 values along each row.
@@ -19,6 +20,7 @@ in GGUF is ``[out, in]`` row-major; quantized types store blocks of 32 values al
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import importlib.util
 import math
@@ -403,19 +405,25 @@ def _read_tensor(path: Path, t: GGUFTensorInfo) -> torch.Tensor:
         raise GGUFError(f"{path}: {e}") from e
 
 
-def _check_rope_freqs(path: Path, infos: list[GGUFTensorInfo], settings: GGUFSettings) -> None:
-    """Llama 3.1/3.2 files keep their long-context RoPE scaling as ``rope_freqs.weight`` (divisors of the
-    rotary frequencies). Not applied here, so only factors of exactly 1 (no change) are accepted."""
+def _rope_freq_factors(path: Path, infos: list[GGUFTensorInfo], settings: GGUFSettings) -> tuple[float, ...] | None:
+    """Llama 3.1/3.2 files keep their long-context RoPE scaling as ``rope_freqs.weight``: one divisor per
+    rotary frequency (llama.cpp divides the frequency by it). Returned for the engine to apply."""
     t = next((t for t in infos if t.name == _ROPE_FREQS), None)
     if t is None:
-        return
+        return None
     if t.shape != (settings.d_head // 2,):
         raise GGUFError(f"{path}: tensor {_ROPE_FREQS!r} has shape {list(t.shape)}, expected [{settings.d_head // 2}]")
     factors = _read_tensor(path, t)
-    if not bool((factors == 1).all()):
-        raise GGUFError(f"{path}: tensor {_ROPE_FREQS!r} holds RoPE frequency factors (Llama 3.1/3.2 long-context "
-                        f"scaling, {factors.min().item():g}..{factors.max().item():g}), which tdb_lens does not "
-                        "apply; loading it would put tokens at the wrong positions")  # fmt: skip
+    if not bool((factors > 0).all()):
+        raise GGUFError(f"{path}: tensor {_ROPE_FREQS!r} holds RoPE frequency factors <= 0 ({factors.min().item():g}); "
+                        "expected divisors > 0")  # fmt: skip
+    s = settings
+    d = np.arange(0, s.d_head, 2, dtype=np.float64) / s.d_head
+    fastest = float((s.rope_theta**-d / (s.rope_linear_factor or 1.0) / factors.double().numpy()).max())
+    if fastest * s.n_ctx > 1e30:
+        raise GGUFError(f"{path}: tensor {_ROPE_FREQS!r} holds RoPE frequency factors down to {factors.min().item():g}: "
+                        f"over {s.n_ctx} positions the rotary angles overflow float32")  # fmt: skip
+    return None if bool((factors == 1).all()) else tuple(factors.tolist())
 
 
 def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True) -> GGUFCheckpoint:
@@ -425,7 +433,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
     meta, infos = _open(path)
     settings = settings_from_metadata(meta, path, {t.name for t in infos})
     plan = _plan(path, infos, settings)
-    _check_rope_freqs(path, infos, settings)
+    settings = dataclasses.replace(settings, rope_freq_factors=_rope_freq_factors(path, infos, settings))
     tok = gguf_tokenizer(meta, path)
     if (n_tokens := len(meta["tokenizer.ggml.tokens"])) > settings.d_vocab:
         raise GGUFError(f"{path}: the vocabulary has {n_tokens} tokens but the embedding only {settings.d_vocab} rows")

@@ -55,6 +55,8 @@ class GGUFSettings:
     rope_theta: float
     rope_linear_factor: float | None  # linear RoPE scaling (positions divided by this); None: none
     tie_word_embeddings: bool
+    # Llama 3.1/3.2: the file's rope_freqs.weight, divisors of the rotary frequencies (None: absent or all 1)
+    rope_freq_factors: tuple[float, ...] | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -77,7 +79,8 @@ class GGUFSettings:
         return None if self.rope_linear_factor is None else {"rope_type": "linear", "factor": self.rope_linear_factor}
 
     def hf_config(self) -> dict:
-        """The same settings as a Hugging Face ``config.json`` dict (e.g. for ``transformers.LlamaConfig``)."""
+        """The same settings as a Hugging Face ``config.json`` dict (e.g. for ``transformers.LlamaConfig``).
+        ``rope_freq_factors`` have no such form (Hugging Face states the Llama 3 scaling's parameters)."""
         cfg = {
             "architectures": [ARCHITECTURES[self.architecture][0]], "model_type": self.model_type,
             "vocab_size": self.d_vocab, "hidden_size": self.d_model, "intermediate_size": self.d_mlp,

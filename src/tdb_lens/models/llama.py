@@ -46,6 +46,9 @@ class LlamaConfig:
     eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: Optional[dict] = None
+    # per-frequency divisors of the rotary frequencies (llama.cpp's rope_freqs.weight: how GGUF files of
+    # Llama 3.1/3.2 store their long-context scaling), applied after rope_scaling; None: none
+    rope_freq_factors: Optional[tuple[float, ...]] = None
     tie_word_embeddings: bool = True
     attention_bias: bool = False  # q/k/v biases (Qwen2: True)
     init_range: float = 0.02
@@ -78,6 +81,9 @@ class LlamaConfig:
             raise ValueError(f"n_heads {self.n_heads} must be a multiple of n_key_value_heads {self.n_key_value_heads}")
         if self.d_head % 2:
             raise ValueError(f"d_head {self.d_head} must be even (rotary embeddings rotate pairs)")
+        factors = self.rope_freq_factors
+        if factors is not None and (len(factors) != self.d_head // 2 or not all(math.isfinite(f) and f > 0 for f in factors)):
+            raise ValueError(f"rope_freq_factors must be {self.d_head // 2} finite numbers > 0, got {factors!r}")
 
     @classmethod
     def from_gguf(cls, s: GGUFSettings) -> LlamaConfig:
@@ -85,7 +91,7 @@ class LlamaConfig:
         return cls(
             n_layers=s.n_layers, n_heads=s.n_heads, n_key_value_heads=s.n_key_value_heads, d_model=s.d_model,
             d_head=s.d_head, d_mlp=s.d_mlp, d_vocab=s.d_vocab, n_ctx=s.n_ctx, eps=s.rms_eps, rope_theta=s.rope_theta,
-            rope_scaling=s.rope_scaling(), tie_word_embeddings=s.tie_word_embeddings,
+            rope_scaling=s.rope_scaling(), rope_freq_factors=s.rope_freq_factors, tie_word_embeddings=s.tie_word_embeddings,
             attention_bias=s.attention_bias, model_type=s.model_type,
         )  # fmt: skip
 
@@ -126,6 +132,8 @@ class LlamaConfig:
         )
 
     def to_hf(self) -> dict:
+        if self.rope_freq_factors is not None:
+            raise ValueError("rope_freq_factors (a GGUF file's rope_freqs.weight) have no Hugging Face config form")
         return {
             "model_type": self.model_type, "architectures": ["LlamaForCausalLM"],
             "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
@@ -138,7 +146,15 @@ class LlamaConfig:
 
 
 def rotary_inv_freq(cfg: LlamaConfig, device: torch.device | str | None) -> Float[torch.Tensor, "half_d_head"]:  # noqa: F821, UP037
-    """Rotary frequencies, with Llama 3's long-context rescaling when the config asks for it."""
+    """Rotary frequencies, with Llama 3's long-context rescaling when the config asks for it (as
+    ``rope_scaling`` or as a GGUF file's per-frequency ``rope_freq_factors``)."""
+    inv = _scaled_inv_freq(cfg, device)
+    if cfg.rope_freq_factors is not None:
+        inv = inv / torch.tensor(cfg.rope_freq_factors, dtype=inv.dtype, device=inv.device)
+    return inv
+
+
+def _scaled_inv_freq(cfg: LlamaConfig, device: torch.device | str | None) -> torch.Tensor:
     d = cfg.d_head
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
     rs = cfg.rope_scaling or {}
