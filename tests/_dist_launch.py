@@ -12,9 +12,11 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 240.0, extra_env: dict | None = None,
-             torchrun_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """Run ``tests/{script}`` on ``nproc`` local ranks; returns the finished process (output captured)."""
+             torchrun_args: tuple[str, ...] = (), backend: str = "gloo") -> subprocess.CompletedProcess:
+    """Run ``tests/{script}`` on ``nproc`` local ranks with ``backend`` (the CPU tests pin gloo, also
+    where GPUs exist); returns the finished process (output captured)."""
     env = dict(os.environ)
+    env["TDB_LENS_DIST_BACKEND"] = backend
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     env["OMP_NUM_THREADS"] = "1"

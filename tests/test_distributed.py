@@ -54,6 +54,10 @@ def test_bad_environment_is_named(plain, monkeypatch):
     with pytest.raises(ValueError, match="must be integers"):
         distributed.init()
     assert not torch.distributed.is_initialized()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("TDB_LENS_DIST_BACKEND", "mpi")
+    with pytest.raises(ValueError, match="'gloo' or 'nccl' .* got 'mpi'"):
+        distributed.init()
     with pytest.raises(ValueError, match="op must be one of"):
         distributed.Dist().all_reduce(torch.zeros(1), op="mean")
     with pytest.raises(ValueError, match="gathered 1 rows"):
@@ -84,7 +88,7 @@ def test_two_ranks_under_torchrun_gloo_one_thread_each(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
                     reason="NCCL needs two CUDA GPUs; torch.cuda.is_available() is False or fewer than 2 GPUs here")
 def test_two_ranks_pick_nccl_where_each_has_a_gpu(tmp_path):  # pragma: no cover - needs GPUs
-    proc = torchrun("_dist_helper.py", str(tmp_path))
+    proc = torchrun("_dist_helper.py", str(tmp_path), backend="")
     assert proc.returncode == 0, explain(proc)
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
     for r, got in enumerate(ranks):

@@ -62,7 +62,7 @@ def one_thread():
 
 def tdb_lens_torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", TDB_LENS_KEEP_FREED_MEMORY="0", PYTHONPATH=str(HERE))
+    env.update(OMP_NUM_THREADS="1", TDB_LENS_KEEP_FREED_MEMORY="0", PYTHONPATH=str(HERE), TDB_LENS_DIST_BACKEND="gloo")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "tdb_lens",
            *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -179,9 +179,10 @@ _CURRENT: Optional[Dist] = None
 
 
 def _pick_backend(local_world: int, backend: Optional[str]) -> str:
+    backend = backend or os.environ.get("TDB_LENS_DIST_BACKEND") or None
     if backend is not None:
         if backend not in ("gloo", "nccl"):
-            raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+            raise ValueError(f"backend must be 'gloo' or 'nccl' (argument or TDB_LENS_DIST_BACKEND), got {backend!r}")
         if backend == "nccl" and not torch.cuda.is_available():
             raise ValueError("backend 'nccl' needs CUDA GPUs and torch.cuda.is_available() is False here; use 'gloo'")
         return backend
@@ -205,7 +206,8 @@ def init(threads: Optional[int] = None, backend: Optional[str] = None, timeout_s
     """Join torchrun's process group (module docstring); a no-op returning rank 0 of 1 in a plain process.
 
     ``threads``: CPU threads of this rank (default: its share of the cores; in a plain process the
-    thread count is left alone unless given). ``backend``: force "gloo" or "nccl".
+    thread count is left alone unless given). ``backend``: force "gloo" or "nccl" (default: the
+    ``TDB_LENS_DIST_BACKEND`` environment variable, else the choice above).
     """
     global _CURRENT
     if _CURRENT is not None:

@@ -14,6 +14,7 @@ activations a step (its own shard of the data: `rank_activation_store` gives eac
   advances by the global batch (so AuxK sees the same dead latents everywhere);
 - resamples dead latents (standard SAEs) from the gathered global batch, with the same generator;
 - logs metrics of the global batch (means all-reduced, FVU from all-reduced sums);
+- trains on the rank's device (`tdb_lens.distributed.Dist.device`: ``cuda:LOCAL_RANK`` under NCCL);
 - writes checkpoints and the final SAE from rank 0 only (``out_dir`` must be on a filesystem every
   rank sees); a checkpoint records every rank's data position, and a rerun with the same world
   size resumes all of them (another world size is refused).
@@ -25,6 +26,7 @@ the ordinary trainer.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -134,6 +136,8 @@ class DistributedSAETrainer(SAETrainer):
         if cfg.batch_size % d.world_size:
             raise ValueError(f"the global batch size {cfg.batch_size} must be a multiple of the world size {d.world_size}")
         self.local_batch = cfg.batch_size // d.world_size
+        if d.device.type == "cuda" and torch.device(cfg.device) != d.device:
+            cfg = dataclasses.replace(cfg, device=str(d.device))  # NCCL: each rank trains on its own GPU
         stream = _RankStates(activations, d) if d.distributed else activations
         super().__init__(sae, cfg, stream, out_dir, resume=resume, progress=d.progress(progress),
                          on_log=on_log if d.is_main else None)
