@@ -368,7 +368,7 @@ def _plan(path: Path, infos: list[GGUFTensorInfo], settings: GGUFSettings) -> di
             unknown.append(t.name)
     if unknown:
         raise GGUFError(f"{path}: tensors {unknown[:8]} are not used by a {settings.architecture} model as tdb_lens "
-                        "builds it; refusing to load the file without them")  # fmt: skip
+                        "builds it; refusing to load a model that would ignore them")  # fmt: skip
     if missing := sorted(set(want) - set(plan.values())):
         raise GGUFError(f"{path}: tensors for {missing[:8]} are missing ({len(missing)} in all)")
     return plan
