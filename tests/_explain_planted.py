@@ -33,7 +33,7 @@ def planted_model():
     ids = torch.tensor(sorted({tok.encode(" " + c)[0] for c in CITIES if len(tok.encode(" " + c)) == 1}))
     state = {}
 
-    def plant(act, hook):  # noqa: ARG001
+    def plant(act, hook):
         act = act.clone()
         act[..., PLANT_UNIT] = torch.isin(state["tokens"], ids).to(act.dtype)
         return act

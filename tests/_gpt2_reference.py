@@ -44,7 +44,8 @@ def make_hf_gpt2(seed: int = 0, perturb: bool = True, block_std: float = 0.02, *
     Matrices are normal(0, 0.02) as GPT-2's init; ``perturb`` also randomises the LayerNorm weights
     and biases and every bias (GPT-2 starts them at 1 / 0), so folding and bias handling are really
     exercised. ``block_std`` > 0.02 makes the blocks matter more than the tied embedding (greedy
-    generation on GPT-2-init weights mostly repeats the last token). Built on ``meta`` first: ``transformers``' own init of GPT-2-small takes ~15 s here.
+    generation on GPT-2-init weights mostly repeats the last token). Built on ``meta`` first:
+    ``transformers``' own init of GPT-2-small takes ~15 s here.
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -10,6 +10,6 @@ os.environ.setdefault("TDB_LENS_KEEP_FREED_MEMORY", "0")
 # Every activation of every test run is checked against the layout its hook point declares
 # (shape against the named axes, floating dtype): a model whose code disagrees with its own
 # declared layouts fails at the hook, named.
-from tdb_lens.hooks.hook_point import set_layout_checks  # noqa: E402
+from tdb_lens.hooks.hook_point import set_layout_checks
 
 set_layout_checks(True)

@@ -13,10 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _gpt2_reference import GPT2_SMALL, hf_tokenizer, make_hf_gpt2, make_tl, max_diff  # noqa: E402
-
-from tdb_lens import HookedGPT2  # noqa: E402
-from tdb_lens.tokenizer import gpt2_tokenizer  # noqa: E402
+from _gpt2_reference import GPT2_SMALL, hf_tokenizer, make_hf_gpt2, make_tl, max_diff
+from tdb_lens import HookedGPT2
+from tdb_lens.tokenizer import gpt2_tokenizer
 
 TOL = 1e-4
 
@@ -159,7 +158,7 @@ def _compare_padded(model, seqs, side):
         sl = slice(0, len(s)) if side == "right" else slice(n - len(s), n)
         tokens[i, sl] = torch.tensor(s)
         mask[i, sl] = 1
-    names = lambda name: any(name.endswith(k) for k in (  # noqa: E731
+    names = lambda name: any(name.endswith(k) for k in (
         "hook_resid_pre", "hook_resid_post", "hook_z", "hook_post", "hook_pattern", "hook_normalized", "hook_q"))
     fast = model(tokens, attention_mask=mask)  # fused attention with a mask
     logits, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=names)

@@ -47,7 +47,7 @@ def boom(act, hook):
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def test_forward_hook_edit_equals_edited_weights(model):
-    zero_pos = lambda act, hook: torch.zeros_like(act)  # noqa: E731
+    zero_pos = lambda act, hook: torch.zeros_like(act)
     hooked = model.run_with_hooks(TOKENS, fwd_hooks=[("hook_pos_embed", zero_pos)])
     ref = copy.deepcopy(model)
     ref.wpe.weight.zero_()
@@ -81,8 +81,8 @@ def test_returning_none_keeps_the_activation(model):
 
 @torch.no_grad()
 def test_hooks_run_in_order_and_compose(model):
-    add = lambda v: (lambda act, hook: act + v)  # noqa: E731
-    double = lambda act, hook: act * 2  # noqa: E731
+    add = lambda v: (lambda act, hook: act + v)
+    double = lambda act, hook: act * 2
     _, c1 = model.run_with_cache(TOKENS, names_filter="blocks.0.hook_attn_out")
     with model.hooks(fwd_hooks=[("blocks.0.hook_attn_out", add(1.0)), ("blocks.0.hook_attn_out", double)]):
         _, c2 = model.run_with_cache(TOKENS, names_filter="blocks.0.hook_attn_out")
@@ -126,7 +126,7 @@ def test_backward_hooks_see_the_gradient(model):
 
 
 def test_backward_hook_can_replace_the_gradient(model):
-    zero = lambda g, hook: torch.zeros_like(g)  # noqa: E731
+    zero = lambda g, hook: torch.zeros_like(g)
     with model.hooks(bwd_hooks=[("blocks.1.hook_resid_pre", zero)]):
         model(TOKENS, return_type="loss").backward()
     # everything upstream of block 1 receives only the zeroed gradient (W_E is tied to the
@@ -204,7 +204,7 @@ def test_unknown_hook_names_raise_with_close_matches_and_add_nothing(model):
 @torch.no_grad()
 def test_predicate_filters(model):
     hit = []
-    pred = lambda name: name.endswith(("hook_q", "hook_k")) and ".1." in name  # noqa: E731
+    pred = lambda name: name.endswith(("hook_q", "hook_k")) and ".1." in name
     model.run_with_hooks(TOKENS, fwd_hooks=[(pred, lambda a, hook: hit.append(hook.name))])
     assert hit == ["blocks.1.attn.hook_q", "blocks.1.attn.hook_k"]
     assert model.add_hook(lambda name: False, boom) == []
@@ -326,7 +326,8 @@ BODY = st.deferred(lambda: st.lists(
 ))
 TOP = st.lists(
     st.one_of(
-        st.tuples(st.just("add"), st.sampled_from(NAMES), st.sampled_from(["noop", "boom"]), st.booleans(), st.sampled_from(["fwd", "bwd"])),
+        st.tuples(st.just("add"), st.sampled_from(NAMES), st.sampled_from(["noop", "boom"]), st.booleans(),
+                  st.sampled_from(["fwd", "bwd"])),
         st.tuples(st.just("remove"), st.integers(0, 10)),
         st.tuples(st.just("ctx"), st.lists(SPEC, max_size=4), BODY),
         st.just(("run",)),
@@ -350,7 +351,7 @@ def _run_body(model, ops):
             elif op[0] == "cache":
                 filt = op[1]
                 if filt == "resid":
-                    filt = lambda n: "resid" in n  # noqa: E731
+                    filt = lambda n: "resid" in n
                 with torch.no_grad():
                     model.run_with_cache(TOKENS[:1, :4], names_filter=filt)
             elif op[0] == "ctx":

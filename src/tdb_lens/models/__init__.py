@@ -7,4 +7,5 @@ from .gpt2 import GPT2Config, HookedGPT2
 from .hub import CheckpointError
 from .llama import HookedLlama, LlamaConfig
 
-__all__ = ["CheckpointError", "FactoredMatrix", "GPT2Config", "HookedGPT2", "HookedLlama", "HookedTransformer", "KVCache", "LlamaConfig"]
+__all__ = ["CheckpointError", "FactoredMatrix", "GPT2Config", "HookedGPT2", "HookedLlama", "HookedTransformer", "KVCache",
+           "LlamaConfig"]
