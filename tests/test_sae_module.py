@@ -260,14 +260,6 @@ def test_a_class_refuses_another_architectures_config():
         TopKSAE(SAEConfig(d_in=4, d_sae=8))
 
 
-def test_jumprelu_is_not_trained_and_says_so():
-    from tdb_lens.sae import TrainConfig
-    from tdb_lens.sae.training import SAETrainer
-
-    with pytest.raises(ValueError, match="training supports standard and topk SAEs; jumprelu SAEs"):
-        SAETrainer(random_sae("jumprelu"), TrainConfig(), iter([]))
-
-
 def test_topk_decodes_the_active_rows_only():
     """The sparse decode (one implementation, used by the hooked forward, training and AuxK) equals
     the dense product of the TopK latents with the decoder."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
 
-from .config import SAEConfig
+from .config import SAEConfig, TrainConfig
 from .sae import SAE, StepContext, TrainForward
 
 
@@ -107,9 +107,9 @@ class TopKSAE(SAE):
         hp = self.hook_sae_acts_post
         return self._sparse() and not hp._fwd and not hp._bwd
 
-    def train_forward(self, x_norm: Float[torch.Tensor, "batch d_in"]) -> TrainForward:
+    def train_forward(self, x_norm: Float[torch.Tensor, "batch d_in"], ctx: StepContext) -> TrainForward:
         if not self._sparse():
-            return super().train_forward(x_norm)
+            return super().train_forward(x_norm, ctx)
         # decode only the k active rows: the decoder's forward and backward cost k/d_sae of a dense pass
         pre = self.pre_acts(x_norm)
         vals, idx = pre.topk(self.k, dim=-1, sorted=False)
@@ -137,19 +137,74 @@ class TopKSAE(SAE):
         return ctx.cfg.aux_coefficient * aux, {"aux": float(aux.detach())}
 
 
+def _window(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """``K((pre - threshold) / ε) / ε`` with the rectangle kernel ``K(u) = 1{|u| < 1/2}``."""
+    return ((pre - threshold).abs() < bandwidth / 2).to(pre.dtype) / bandwidth
+
+
+class _JumpReLU(torch.autograd.Function):
+    """``relu(pre) * 1{pre > θ}``; the gradient to ``θ`` is the straight-through estimate
+    ``-θ K((pre - θ)/ε)/ε`` (Rajamanoharan et al. 2024, "Jumping Ahead")."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return F.relu(pre) * (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        pre, threshold = ctx.saved_tensors
+        grad_pre = grad * ((pre > threshold) & (pre > 0)).to(grad.dtype)
+        grad_th = -(threshold * _window(pre, threshold, ctx.bandwidth) * grad).reshape(-1, pre.shape[-1]).sum(0)
+        return grad_pre, grad_th, None
+
+
+class _Step(torch.autograd.Function):
+    """``1{pre > θ}`` (what L0 counts); no gradient to ``pre``, ``-K((pre - θ)/ε)/ε`` to ``θ``."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        pre, threshold = ctx.saved_tensors
+        grad_th = -(_window(pre, threshold, ctx.bandwidth) * grad).reshape(-1, pre.shape[-1]).sum(0)
+        return None, grad_th, None
+
+
 class JumpReLUSAE(SAE):
-    """ReLU latents kept only above a learned per-latent ``threshold`` (Gemma Scope's SAEs). Loaded
-    and run; not trained here."""
+    """ReLU latents kept only above a learned per-latent ``threshold`` (Gemma Scope's SAEs). Trained
+    with an L0 penalty; the threshold learns through straight-through gradients (`_JumpReLU`,
+    `_Step`) over a window of width ``jumprelu_bandwidth``."""
 
     architecture = "jumprelu"
     param_names = SAE.param_names + ("threshold",)
-    trainable = False
 
     def _init_extra_params(self, dtype: torch.dtype, device: torch.device | str | None) -> None:
         self.threshold = nn.Parameter(torch.zeros(self.cfg.d_sae, dtype=dtype, device=device))
 
     def activation(self, pre: Float[torch.Tensor, "... d_sae"]) -> Float[torch.Tensor, "... d_sae"]:
         return F.relu(pre) * (pre > self.threshold).to(pre.dtype)
+
+    @torch.no_grad()
+    def init_for_training(self, cfg: TrainConfig) -> None:
+        self.threshold.fill_(cfg.jumprelu_init_threshold)
+
+    def train_forward(self, x_norm: Float[torch.Tensor, "batch d_in"], ctx: StepContext) -> TrainForward:
+        pre = self.pre_acts(x_norm)
+        acts = _JumpReLU.apply(pre, self.threshold, ctx.cfg.jumprelu_bandwidth)
+        return TrainForward(self.decode_normalized(acts), pre, acts, (acts > 0).any(0),
+                            (acts > 0).float().sum(-1).mean())
+
+    def train_penalty(self, fwd: TrainForward, err: Float[torch.Tensor, "batch d_in"],
+                      ctx: StepContext) -> tuple[Float[torch.Tensor, ""], dict[str, float]]:
+        """``l0_coefficient * mean_b Σ_i 1{pre_i > θ_i}``, differentiable in θ only."""
+        l0 = _Step.apply(fwd.pre, self.threshold, ctx.cfg.jumprelu_bandwidth).sum(-1).mean()
+        return ctx.cfg.l0_coefficient * l0, {"l0_penalty": float(l0.detach())}
 
     @torch.no_grad()
     def fold_input_scale(self, c: float) -> None:

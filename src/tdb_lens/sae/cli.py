@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None,
                    help="Adam learning rate (default 2e-4 / sqrt(d_sae / 16384), OpenAI's scaling)")
     t.add_argument("--l1", type=float, default=5.0, help="L1 coefficient (standard)")
+    t.add_argument("--l0", type=float, default=1.0, help="L0 coefficient (jumprelu)")
     t.add_argument("--resample-every", type=int, default=None, help="steps between dead-latent resampling (standard)")
     t.add_argument("--dead-after", type=int, default=None, help="activations without firing before a latent counts as dead "
                                                                   "(default min(1e6, tokens / 10))")
@@ -131,6 +132,7 @@ def _check_train(args: argparse.Namespace) -> None:
     for name in ("--checkpoint-every", "--resample-every", "--dead-after"):
         _at_least(args, name, 1)
     _at_least(args, "--l1", 0)
+    _at_least(args, "--l0", 0)
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise UsageError(f"--lr must be a positive number, got {args.lr}")
     _check_out(Path(args.out), resume=not args.no_resume)
@@ -205,7 +207,7 @@ def _configs(args: argparse.Namespace, d_in: int) -> tuple[SAEConfig, TrainConfi
     except ValueError as e:
         raise UsageError(str(e)) from None
     train_cfg = TrainConfig(total_activations=args.tokens, batch_size=args.batch_size, lr=lr,
-                            l1_coefficient=args.l1, resample_every=args.resample_every,
+                            l1_coefficient=args.l1, l0_coefficient=args.l0, resample_every=args.resample_every,
                             dead_after=args.dead_after or int(min(1_000_000, max(args.tokens // 10, args.batch_size))),
                             checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device)
     return sae_cfg, train_cfg

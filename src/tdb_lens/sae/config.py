@@ -78,8 +78,11 @@ class TrainConfig:
     TopK SAEs get OpenAI's auxiliary loss on dead latents (AuxK: the ``aux_k`` dead latents with the
     largest pre-activations reconstruct the residual error, weighted ``aux_coefficient``). Standard
     (ReLU) SAEs get an L1 penalty on decoder-norm-weighted latents and dead latents are resampled
-    every ``resample_every`` steps towards inputs the SAE reconstructs badly. Decoder rows are kept
-    at unit norm. A latent is dead when it has not fired for ``dead_after`` training activations.
+    every ``resample_every`` steps towards inputs the SAE reconstructs badly. JumpReLU SAEs get an
+    L0 penalty weighted ``l0_coefficient``; their thresholds start at ``jumprelu_init_threshold`` and
+    learn through straight-through gradients over a window ``jumprelu_bandwidth`` wide. (Each
+    architecture's class in `architectures` holds its part.) Decoder rows are kept at unit norm. A
+    latent is dead when it has not fired for ``dead_after`` training activations.
     """
 
     total_activations: int = 1_000_000
@@ -93,6 +96,9 @@ class TrainConfig:
     l1_warmup_steps: int = 0
     aux_coefficient: float = 1.0 / 32
     aux_k: Optional[int] = None  # default: d_in // 2
+    l0_coefficient: float = 1.0  # JumpReLU: weight of the L0 penalty
+    jumprelu_bandwidth: float = 0.05  # JumpReLU: width of the straight-through window (in scaled input units)
+    jumprelu_init_threshold: float = 0.01
     dead_after: int = 1_000_000
     resample_every: Optional[int] = None  # standard SAEs only; None: never
     resample_until: Optional[int] = None  # stop resampling after this step (default: half of training)

@@ -164,7 +164,7 @@ class SAE(HookedRootModule):
         """Whether the hooked forward may skip the dense latents (`decode_pre`) when nobody hooks them."""
         return False
 
-    def train_forward(self, x_norm: Float[torch.Tensor, "batch d_in"]) -> TrainForward:
+    def train_forward(self, x_norm: Float[torch.Tensor, "batch d_in"], ctx: StepContext) -> TrainForward:
         """The training forward of a normalised batch (dense by default)."""
         pre = self.pre_acts(x_norm)
         acts = self.activation(pre)
@@ -175,6 +175,9 @@ class SAE(HookedRootModule):
                       ctx: StepContext) -> tuple[Float[torch.Tensor, ""], dict[str, float]]:
         """The loss added to the reconstruction error (sparsity, auxiliary terms) and its stats."""
         raise NotImplementedError
+
+    def init_for_training(self, cfg: TrainConfig) -> None:
+        """Set the architecture's own parameters before training starts (nothing by default)."""
 
     def reinit_latents(self, idx: Int[torch.Tensor, " n"], x_norm: Float[torch.Tensor, "batch d_in"],
                        generator: torch.Generator) -> bool:

@@ -1,5 +1,5 @@
-"""Training SAEs: TopK with AuxK, or ReLU + L1 with dead-latent resampling; Adam; unit-norm decoder
-rows; atomic checkpoints and resume.
+"""Training SAEs: TopK with AuxK, ReLU + L1 with dead-latent resampling, or JumpReLU + L0 with
+straight-through threshold gradients; Adam; unit-norm decoder rows; atomic checkpoints and resume.
 
 Loss per batch (``x`` already scaled so that ``E||x|| = sqrt(d_in)`` when ``normalize_scale``):
 
@@ -8,7 +8,9 @@ Loss per batch (``x`` already scaled so that ``E||x|| = sqrt(d_in)`` when ``norm
   is decoded (no bias) from the ``aux_k`` largest pre-activations among dead latents (OpenAI's AuxK);
 - standard: ``+ l1 * mean_b Σ_i |f_i| ||W_dec[i]||`` and, every ``resample_every`` steps, dead
   latents are re-initialised towards inputs with large reconstruction error (sampled with
-  probability proportional to the squared error), with their Adam moments reset.
+  probability proportional to the squared error), with their Adam moments reset;
+- JumpReLU: ``+ l0_coefficient * mean_b Σ_i 1{pre_bi > θ_i}``, differentiable in ``θ`` through the
+  straight-through estimator (the architecture's class computes each of these terms).
 
 After each step decoder rows are renormalised to unit norm (the gradient component along each row
 is removed first). At the end the input scale is folded into the weights, so the saved SAE takes the
@@ -84,7 +86,7 @@ class SAETrainer:
             self.load_checkpoint()
 
     def _params(self) -> list[torch.nn.Parameter]:
-        return [self.sae.W_enc, self.sae.b_enc, self.sae.W_dec, self.sae.b_dec]
+        return [getattr(self.sae, n) for n in self.sae.param_names]
 
     # ---- data -------------------------------------------------------------------------------
     def _next(self) -> torch.Tensor:
@@ -112,6 +114,7 @@ class SAETrainer:
             raise ValueError(f"init_b_dec must be 'mean', 'median' or 'zeros', got {cfg.init_b_dec!r}")
         sae.W_enc.data.copy_(sae.W_dec.data.T)
         sae.b_enc.data.zero_()
+        sae.init_for_training(cfg)
         self.initialized = True
 
     # ---- one step ---------------------------------------------------------------------------
@@ -134,10 +137,11 @@ class SAETrainer:
         architecture's own penalty (`SAE.train_penalty`)."""
         sae = self.sae
         xn, _ = sae.normalize(x)
-        fwd = sae.train_forward(xn)
+        ctx = StepContext(self.cfg, self.step, self.dead_mask())
+        fwd = sae.train_forward(xn, ctx)
         err = xn - fwd.recons
         mse = err.pow(2).sum(-1).mean()
-        penalty, stats = sae.train_penalty(fwd, err, StepContext(self.cfg, self.step, self.dead_mask()))
+        penalty, stats = sae.train_penalty(fwd, err, ctx)
         with torch.no_grad():
             total = (xn - xn.mean(0)).pow(2).sum()
             stats["mse"] = float(mse.detach())
@@ -254,8 +258,8 @@ class SAETrainer:
             shutil.rmtree(tmp)
         tmp.mkdir()
         sae = self.sae
-        tensors = {f"sae.{n}": getattr(sae, n).detach().cpu().contiguous() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
-        names = {id(p): n for n, p in (("W_enc", sae.W_enc), ("b_enc", sae.b_enc), ("W_dec", sae.W_dec), ("b_dec", sae.b_dec))}
+        tensors = {f"sae.{n}": getattr(sae, n).detach().cpu().contiguous() for n in sae.param_names}
+        names = {id(getattr(sae, n)): n for n in sae.param_names}
         adam_steps = {}
         for p, st in self.optim.state.items():
             n = names[id(p)]
@@ -296,9 +300,9 @@ class SAETrainer:
         t = load_file(str(path / "state.safetensors"))
         sae = self.sae
         with torch.no_grad():
-            for n in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            for n in sae.param_names:
                 getattr(sae, n).copy_(t[f"sae.{n}"].to(self.device))
-        params = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+        params = {n: getattr(sae, n) for n in sae.param_names}
         for n, step in meta["adam_steps"].items():
             p = params[n]
             self.optim.state[p] = {"step": torch.tensor(step), "exp_avg": t[f"adam.{n}.exp_avg"].to(self.device),
