@@ -11,9 +11,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _gpt2_reference import make_hf_gpt2, max_diff  # noqa: E402
-
-from tdb_lens import HookedGPT2, get_act_name  # noqa: E402
+from _gpt2_reference import make_hf_gpt2, max_diff
+from tdb_lens import HookedGPT2, get_act_name
 
 N_LAYERS = 4
 TOKENS = torch.randint(0, 1000, (2, 7), generator=torch.Generator().manual_seed(4))
