@@ -194,3 +194,37 @@ def test_sigkill_mid_run_then_rerun(models, tmp_path):
     assert con.execute("SELECT COUNT(*) FROM explanations e WHERE (SELECT COUNT(*) FROM scores s "
                        "WHERE s.explanation_id = e.id) != 1").fetchone()[0] == 0
     con.close()
+
+
+class Scale(torch.nn.Module):
+    """A stand-in for an SAE: a module with weights spliced into a hook point."""
+
+    def __init__(self, w: float) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(w))
+
+    def forward(self, x):
+        return x * self.w
+
+
+def test_spliced_modules_are_part_of_a_harvest_not_of_the_model(models, tmp_path):
+    """A harvest made with one SAE is not reused with another at the same place; the model's own
+    identity (what a store checks) does not change when an SAE is spliced in."""
+    from tdb_lens.explain.provenance import splice_digest
+
+    a, _ = models
+    corpus = planted_corpus(a)
+    host = a.hook_dict["blocks.0.hook_resid_pre"]
+    plain = model_identity(a, "planted")
+    assert splice_digest(a) == ""
+    try:
+        host.set_splice(Scale(2.0))
+        first = splice_digest(a)
+        assert model_identity(a, "planted") == plain and first
+        harvest(a, corpus, PLANT_HOOK, tmp_path / "h", units=[0], k=4, batch_size=16, progress=False)
+        host.set_splice(Scale(3.0))
+        assert splice_digest(a) not in ("", first)
+        with pytest.raises(ValueError, match="other modules spliced into the model"):
+            harvest(a, corpus, PLANT_HOOK, tmp_path / "h", units=[0], k=4, batch_size=16, progress=False)
+    finally:
+        host.set_splice(None)

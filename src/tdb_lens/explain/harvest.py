@@ -58,7 +58,7 @@ from .harvest_state import (
     priorities,
     random_window_ids,
 )
-from .provenance import ModelIdentity, model_identity, model_name_of
+from .provenance import ModelIdentity, model_identity, model_name_of, splice_digest
 from .units import UnitSite, unit_activations
 
 __all__ = ["FORMAT_VERSION", "HarvestConfig", "HarvestResult", "UnitRecord", "capture", "harvest", "load_harvest",
@@ -146,7 +146,8 @@ def harvest(
     site = UnitSite.of(model, hook)
     manifest = {
         "format": FORMAT_VERSION, "config": asdict(cfg), "corpus": corpus.describe(), "model": ident.name,
-        "model_digest": ident.digest, "unit_kind": site.kind, "unit_site": site.as_dict(), "n_units_at_hook": total_units,
+        "model_digest": ident.digest, "splice_digest": splice_digest(model),
+        "unit_kind": site.kind, "unit_site": site.as_dict(), "n_units_at_hook": total_units,
     }
     out = Path(out_dir)
     _check_or_write_manifest(out, manifest, corpus)
@@ -222,6 +223,10 @@ def _check_or_write_manifest(out: Path, manifest: dict, corpus: Corpus) -> None:
             now = f"{manifest['model']!r} (weights {manifest['model_digest'][:12]})"
             raise ValueError(f"{out} holds a harvest of model {was}, not of {now}: harvest this model into "
                              f"another directory, or delete {out} to start over")
+        if old.get("splice_digest") != manifest["splice_digest"]:
+            raise ValueError(f"{out} holds a harvest made with other modules spliced into the model (SAEs: digest "
+                             f"{old.get('splice_digest') or 'none'!s:.12} vs {manifest['splice_digest'] or 'none'!s:.12}): "
+                             f"harvest into another directory, or delete {out} to start over")
         for key in ("format", "config", "corpus"):
             if old.get(key) != manifest[key]:
                 raise ValueError(
@@ -380,7 +385,7 @@ def load_harvest(*directories: Union[str, os.PathLike]) -> HarvestResult:
         manifests.append(json.loads(mp.read_text()))
     m0 = manifests[0]
     for d, m in zip(dirs[1:], manifests[1:]):
-        for key in ("format", "config", "corpus", "model", "model_digest"):
+        for key in ("format", "config", "corpus", "model", "model_digest", "splice_digest"):
             if m.get(key) != m0.get(key):
                 raise ValueError(f"cannot merge {dirs[0]} and {d}: their {key} differ ({m0.get(key)} vs {m.get(key)})")
     cfg = HarvestConfig(**m0["config"])
