@@ -219,3 +219,21 @@ def test_bad_settings_are_refused():
             OpenAIChatBackend("http://127.0.0.1:9/v1", "m", **kw)
     with pytest.raises(ValueError, match="no host"):
         OpenAIChatBackend("http:///v1", "m")
+
+
+def test_compressed_answer_is_decoded_and_capped():
+    """A server that compresses anyway: the answer is decoded, and the cap counts decoded bytes."""
+    import gzip
+
+    def gz(body: bytes):
+        return lambda h: send(h, 200, gzip.compress(body), {"Content-Encoding": "gzip"})
+
+    with Server(gz(OK)) as srv:
+        b = OpenAIChatBackend(srv.url, "m", api_key_env=None, timeout=30, max_retries=0)
+        assert b.complete(MSGS) == "fine"
+        assert srv.headers[0]["Accept-Encoding"] == "identity"
+    bomb = b"[" + b"0," * (4 << 20) + b"0]"  # 8 MB that gzips to a few kB
+    with Server(gz(bomb)) as srv:
+        b = OpenAIChatBackend(srv.url, "m", api_key_env=None, timeout=30, max_retries=0, max_response_bytes=1 << 20)
+        with pytest.raises(BackendError, match="more than 1048576 bytes"):
+            b.complete(MSGS)

@@ -183,7 +183,8 @@ class OpenAIChatBackend:
         return text
 
     def _headers(self) -> dict:
-        h = {"Content-Type": "application/json", "Accept": "application/json"}
+        # identity encoding: the size cap then counts what is kept (a compressed answer is decoded below)
+        h = {"Content-Type": "application/json", "Accept": "application/json", "Accept-Encoding": "identity"}
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         if key:
             h["Authorization"] = f"Bearer {key}"
@@ -224,7 +225,8 @@ class OpenAIChatBackend:
             raise BackendError(f"{self.base_url} announced a {int(n)}-byte answer, over the "
                                f"{self.max_response_bytes}-byte limit (max_response_bytes)")
         chunks, size = [], 0
-        for chunk in resp.iter_raw():
+        encoded = resp.headers.get("content-encoding", "identity").lower() not in ("", "identity")
+        for chunk in (resp.iter_bytes() if encoded else resp.iter_raw()):
             size += len(chunk)
             if size > self.max_response_bytes:
                 raise BackendError(f"{self.base_url} sent more than {self.max_response_bytes} bytes "
