@@ -128,7 +128,7 @@ def test_dequantize_real_tensors_match_gguf(reader):
         seen.add(t.tensor_type)
         shape = tuple(reversed([int(s) for s in t.shape]))
         ours = dequantize(t.data, t.tensor_type, shape, name=t.name)
-        ref = np.asarray(gguf_dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        ref = np.array(gguf_dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)  # a writable copy
         assert torch.equal(ours, torch.from_numpy(ref)), t.name
     assert {q.name for q in seen} == {"F32", "Q8_0", "Q4_1"}
 
