@@ -12,14 +12,20 @@ from tdb_lens import GPT2Config, HookedGPT2, distributed
 from tdb_lens.attribution import Node, activation_patch, attribution_patch, path_patch
 from tdb_lens.attribution.sharding import sharded_patch
 from tdb_lens.ioi import IOIContext, IOIDataset
-from tdb_lens.ioi.discovery import ioi_metric
-from tdb_lens.ioi.sharding import sharded_circuit_attribution, sharded_circuit_ld, sharded_faithfulness, sharded_prompt_ld
+from tdb_lens.ioi.discovery import completeness, ioi_metric, minimality
+from tdb_lens.ioi.sharding import (
+    ShardedIOIContext,
+    sharded_circuit_attribution,
+    sharded_circuit_ld,
+    sharded_faithfulness,
+    sharded_prompt_ld,
+)
 
 N_PROMPTS = 10
 CIRCUIT = {(0, 1), (1, 2), (1, 3)}
 
 
-def setup():
+def setup(context=IOIContext):
     model = HookedGPT2.from_config(GPT2Config(n_layers=2, d_model=32, n_heads=4, d_mlp=64, n_ctx=64), seed=1).eval()
     # attention 10x stronger than at init, so that the ABC corruption moves the metric by 0.018 (at init by 0.0015,
     # where float32 rounding in the 1-process reference alone is 1e-5 of the normalised scores)
@@ -27,7 +33,7 @@ def setup():
         for block in model.blocks:
             for w in (block.attn.W_Q, block.attn.W_K, block.attn.W_V, block.attn.W_O):
                 w.mul_(10.0)
-    ctx = IOIContext.from_dataset(model, IOIDataset.generate(model.tokenizer, N_PROMPTS, seed=0))
+    ctx = context.from_dataset(model, IOIDataset.generate(model.tokenizer, N_PROMPTS, seed=0))
     nodes = [Node.head(l, h) for l in range(2) for h in range(4)] + [Node.mlp_out(l, pos=p) for l in range(2)
                                                                       for p in range(4)]
     senders = [Node.head(0, h) for h in range(4)]
@@ -37,6 +43,18 @@ def setup():
 def pair(ctx):
     return (ctx.clean.tokens, ctx.abc.tokens), {"clean_mask": ctx.clean.attention_mask,
                                                  "corrupted_mask": ctx.abc.attention_mask}
+
+
+def context_metrics(ctx) -> dict:
+    """What the IOI search and report measure through the context's methods (all prompts, a subset)."""
+    rows = torch.arange(3, 9)
+    ld, est = ctx.circuit_attribution(CIRCUIT, rows)
+    return {"ctx_faithfulness": torch.tensor(ctx.faithfulness(CIRCUIT)),
+            "ctx_faithfulness_rows": torch.tensor(ctx.faithfulness(CIRCUIT, rows)),
+            "ctx_ablate_only": torch.tensor(ctx.ablate_only(CIRCUIT)),
+            "ctx_attr_ld_rows": torch.tensor(ld), "ctx_attr_est_rows": est,
+            "ctx_completeness": torch.tensor(completeness(ctx, CIRCUIT)),
+            "ctx_minimality": torch.tensor(list(minimality(ctx, CIRCUIT).values()))}
 
 
 def main(out: str) -> None:
@@ -60,6 +78,7 @@ def main(out: str) -> None:
     }
     ld, est = sharded_circuit_attribution(ctx, CIRCUIT)
     res["attr_ld"], res["attr_est"] = torch.tensor(ld), est
+    res.update(context_metrics(setup(ShardedIOIContext)[1]))
     if d.is_main:
         save_file({k: v.float().contiguous() for k, v in res.items()}, str(Path(out) / "sharded.safetensors"))
     d.log.info("patching done")

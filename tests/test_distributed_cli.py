@@ -25,18 +25,19 @@ WORDS = ("the cat sat on a mat while dogs ran past quickly and birds sang songs 
          "trees rivers mountains people walked talked laughed").split()
 
 
+def hf_name(k: str) -> str:
+    """A HookedGPT2 parameter's name in a Hugging Face GPT-2 checkpoint."""
+    k = k.replace(".ln1.", ".ln_1.").replace(".ln2.", ".ln_2.")
+    k = "h." + k[len("blocks."):] if k.startswith("blocks.") else k
+    return "ln_f." + k[len("ln_final."):] if k.startswith("ln_final.") else k
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random GPT-2 saved as a Hugging Face folder (what `tdb_lens.load` reads)."""
     d = tmp_path_factory.mktemp("gpt2tiny")
     cfg = GPT2Config(n_layers=2, n_heads=2, d_model=16, d_mlp=32, n_ctx=64)
     m = HookedGPT2.from_config(cfg, seed=0)
-
-    def hf_name(k: str) -> str:
-        k = k.replace(".ln1.", ".ln_1.").replace(".ln2.", ".ln_2.")
-        k = "h." + k[len("blocks."):] if k.startswith("blocks.") else k
-        return "ln_f." + k[len("ln_final."):] if k.startswith("ln_final.") else k
-
     save_file({hf_name(k): v.contiguous() for k, v in m.state_dict().items()}, str(d / "model.safetensors"))
     (d / "config.json").write_text(json.dumps(cfg.to_hf()))
     return d
@@ -134,3 +135,29 @@ def test_one_process_commands_are_refused_under_torchrun(model_dir):
     proc = tdb_lens_torchrun("hooks", "--model", str(model_dir))
     assert proc.returncode != 0
     assert "tdb-lens hooks: error: runs in one process" in proc.stderr
+
+
+def test_ioi_under_torchrun_equals_the_one_process_command(tmp_path):
+    from _dist_patch import setup
+    from tdb_lens.ioi.cli import main as ioi_main
+
+    # 2 layers x 4 heads with attention 10x its initial scale (tests/_dist_patch.py), saved as a folder
+    model = setup()[0]
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    save_file({hf_name(k): v.contiguous() for k, v in model.state_dict().items()}, str(model_dir / "model.safetensors"))
+    (model_dir / "config.json").write_text(json.dumps(model.cfg.to_hf()))
+    args = ["--model", str(model_dir), "--prompts", "12", "--max-heads", "5", "--quiet"]
+    assert ioi_main(args + ["--out", str(tmp_path / "one")]) == 0
+    proc = tdb_lens_torchrun("ioi", *args, "--out", str(tmp_path / "two"))
+    assert proc.returncode == 0, explain(proc)
+    got, ref = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("two", "one"))
+    assert got["circuit"] == ref["circuit"] and 0 < got["n_heads"] < 8
+    for key in ("logit_diff", "accuracy", "faithfulness", "circuit_logit_diff", "circuit_ablated_logit_diff",
+                "completeness", "minimality"):
+        assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), key
+    for g, r in zip(got["heads"], ref["heads"], strict=True):
+        assert (g["class"], g["head"]) == (r["class"], r["head"])
+        assert {k: v for k, v in g.items() if k not in ("class", "head")} == pytest.approx(
+            {k: v for k, v in r.items() if k not in ("class", "head")}, rel=1e-5, abs=1e-6)
+    assert proc.stdout.count("wrote ") == 1  # rank 0 writes the report

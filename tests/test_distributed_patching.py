@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from _dist_launch import explain, torchrun
-from _dist_patch import CIRCUIT, pair, setup
+from _dist_patch import CIRCUIT, context_metrics, pair, setup
 from tdb_lens.attribution import activation_patch, attribution_patch, path_patch
 from tdb_lens.attribution.sharding import shard_rows, sharded_patch
 from tdb_lens.distributed import Dist
@@ -32,6 +32,7 @@ def reference():
         "circuit_ld": torch.tensor(ctx.circuit_ld(CIRCUIT)),
         "faithfulness": torch.tensor(ctx.faithfulness(CIRCUIT)),
         "attr_ld": torch.tensor(ld), "attr_est": est,
+        **context_metrics(ctx),  # what ShardedIOIContext computes under torchrun
     }
 
 

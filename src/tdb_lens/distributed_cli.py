@@ -11,7 +11,10 @@ thread count per rank):
   explainer runs on rank 0). A rerun after a failure resumes every rank's shard.
 - ``sae train``: the command itself splits rows and the global batch over the ranks and trains with
   DDP (`tdb_lens.sae.distributed`); rank 0 writes the SAE and evaluates it.
-- any other command (``ioi``, ``sae eval``, ``hooks``, ``debug``) runs in one process: under torchrun
+- ``ioi``: the command measures with `tdb_lens.ioi.sharding.ShardedIOIContext` (the circuit search
+  and the final faithfulness, completeness and minimality split the prompts over the ranks); rank 0
+  prints and writes the report.
+- any other command (``sae eval``, ``hooks``, ``debug``) runs in one process: under torchrun
   with more than one rank it is refused with a one-line message (exit 2) instead of running N copies.
 
 Progress bars show on rank 0 only; log lines name the rank (``[rank 1/2] ...``).
@@ -36,14 +39,14 @@ def run_under_torchrun(cmd: str, rest: list[str]) -> Optional[int]:
     d = init()
     if cmd == "explain":
         return _explain(rest, d)
-    if cmd == "sae" and rest[:1] == ["train"]:
+    if (cmd == "sae" and rest[:1] == ["train"]) or cmd == "ioi":
         return None
     if d.world_size == 1:
         return None
     what = f"{cmd} {rest[0]}" if cmd == "sae" and rest else cmd
     if d.is_main:
-        print(f"tdb-lens {what}: error: runs in one process; under torchrun only `explain` (the harvest) and `sae train` "
-              f"split their work over ranks (this job has {d.world_size}): run it without torchrun", file=sys.stderr)
+        print(f"tdb-lens {what}: error: runs in one process; under torchrun only `explain` (the harvest), `sae train` "
+              f"and `ioi` split their work over ranks (this job has {d.world_size}): run it without torchrun", file=sys.stderr)
     return 2
 
 

@@ -115,8 +115,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.device:
         model = model.to(args.device)
     model.eval()
+    from .. import distributed
+    from .sharding import ShardedIOIContext  # under torchrun: the circuit metrics split the prompts over the ranks
+
+    dist = distributed.init()
     report = run_ioi(model, args.prompts, args.seed, model_name=args.model, max_heads=args.max_heads,
-                     target_faithfulness=args.target, with_minimality=not args.no_minimality, progress=not args.quiet)
+                     target_faithfulness=args.target, with_minimality=not args.no_minimality,
+                     progress=dist.progress(not args.quiet), context=ShardedIOIContext)
+    if not dist.is_main:  # rank 0 prints and writes the report
+        return 0
     print(format_report(report.json))
     paths = report.write(args.out)
     print("wrote " + ", ".join(str(p) for p in paths))

@@ -90,8 +90,11 @@ def run_ioi(
     target_faithfulness: float = 0.85,
     with_minimality: bool = True,
     progress: bool = True,
+    context: type[IOIContext] = IOIContext,
 ) -> IOIReport:
-    """Baseline, circuit discovery and faithfulness on ``n_prompts`` IOI prompts (seeded)."""
+    """Baseline, circuit discovery and faithfulness on ``n_prompts`` IOI prompts (seeded).
+    ``context``: the `IOIContext` class to measure with (`tdb_lens.ioi.sharding.ShardedIOIContext`
+    splits the prompts over torchrun's ranks)."""
     t0 = time.perf_counter()
     # eight phases: one here, seven announced by `discover`
     bar = tqdm(total=8, desc="IOI", disable=not progress)
@@ -105,7 +108,7 @@ def run_ioi(
 
     phase("prompts, ABC corruption, means and baseline")
     dataset = IOIDataset.generate(model.tokenizer, n_prompts, seed=seed)
-    ctx = IOIContext.from_dataset(model, dataset)  # the prompts, their ABC corruption and its means
+    ctx = context.from_dataset(model, dataset)  # the prompts, their ABC corruption and its means
     batch = ctx.clean
     with torch.no_grad():
         logits = model(batch.tokens, attention_mask=batch.attention_mask)

@@ -1,5 +1,12 @@
 """IOI discovery metrics split over torchrun's ranks by prompt, reduced to the 1-process numbers.
 
+`ShardedIOIContext` is an `IOIContext` whose circuit metrics (``circuit_ld``, and through it
+``faithfulness``, ``ablate_only``, completeness and minimality; ``circuit_attribution``) split their
+prompts over the ranks, so `tdb_lens.ioi.discover` and `tdb_lens.ioi.run_ioi` run their search and
+final measurements data parallel (``tdb-lens ioi`` under torchrun uses it); the single passes
+before the search (direct effects, attribution by position, path patching, detectors) run whole on
+every rank. The free functions below do the same for one call on a plain `IOIContext`.
+
 Every rank builds the same `IOIContext` (same prompts, ABC corruption and per-template means),
 then evaluates its contiguous block of prompts (`tdb_lens.distributed.Dist.shard`); per-prompt
 logit differences are gathered in prompt order, means are ``n_prompts x mean`` summed over ranks.
@@ -16,11 +23,12 @@ import torch
 from jaxtyping import Float
 
 from ..attribution.sharding import reduce_means, shard_rows
-from ..distributed import Dist
+from ..distributed import Dist, current
 from ..distributed import init as dist_init
 from .discovery import Head, IOIContext
 
-__all__ = ["sharded_prompt_ld", "sharded_circuit_ld", "sharded_faithfulness", "sharded_circuit_attribution"]
+__all__ = ["ShardedIOIContext", "sharded_prompt_ld", "sharded_circuit_ld", "sharded_faithfulness",
+           "sharded_circuit_attribution"]
 
 
 def _dist(dist: Optional[Dist]) -> Dist:
@@ -59,3 +67,35 @@ def sharded_circuit_attribution(ctx: IOIContext, keep: set[Head],
     flat = torch.cat([torch.tensor([ld], dtype=torch.float64), est.detach().double().reshape(-1)])
     total = reduce_means(flat, len(rows), n, d)
     return float(total[0]), total[1:].reshape(est.shape).to(est.dtype)
+
+
+class ShardedIOIContext(IOIContext):
+    """An `IOIContext` whose circuit metrics split their prompts over the ranks of
+    `tdb_lens.distributed.current()` (module docstring); the ordinary context in a plain process."""
+
+    def _my_rows(self, rows: Optional[torch.Tensor]) -> tuple[Dist, torch.Tensor, torch.Tensor]:
+        d = current()
+        every = torch.arange(len(self.clean.end)) if rows is None else torch.as_tensor(rows).long().reshape(-1)
+        r = d.shard(len(every))
+        return d, every, every[r.start:r.stop]
+
+    def circuit_ld(self, keep: set[Head], rows: Optional[torch.Tensor] = None) -> float:
+        d, every, mine = self._my_rows(rows)
+        if not d.distributed:
+            return super().circuit_ld(keep, rows)
+        local = (self.run_ld(self.ablation_hooks(set(keep), mine), mine).detach().float().cpu() if len(mine)
+                 else torch.empty(0))
+        return float(d.all_gather_rows(local, n=len(every)).mean())
+
+    def circuit_attribution(self, keep: set[Head], rows: Optional[torch.Tensor] = None
+                            ) -> tuple[float, Float[torch.Tensor, "layer head"]]:
+        d, every, mine = self._my_rows(rows)
+        if not d.distributed:
+            return super().circuit_attribution(keep, rows)
+        if len(mine):
+            ld, est = super().circuit_attribution(keep, mine)
+        else:
+            ld, est = 0.0, torch.zeros(self.n_layers, self.n_heads)
+        flat = torch.cat([torch.tensor([ld], dtype=torch.float64), est.detach().double().reshape(-1)])
+        total = reduce_means(flat, len(mine), len(every), d)
+        return float(total[0]), total[1:].reshape(est.shape).to(est.dtype)
