@@ -74,11 +74,11 @@ def _grid(model: Any, tokens: torch.Tensor, axes: Sequence[str], site: str) -> t
         at = dict(zip(axes, idx))
         layer = at["layer"]
         if site in ("resid_pre", "resid_mid"):
-            nodes.append(Node.resid(layer, at["pos"], site[len("resid_"):]))
+            nodes.append(Node.resid(layer, at.get("pos"), site[len("resid_"):]))
         elif site == "attn_out":
-            nodes.append(Node.attn_out(layer, at["pos"]))
+            nodes.append(Node.attn_out(layer, at.get("pos")))
         elif site == "mlp_out":
-            nodes.append(Node.mlp_out(layer, at["pos"]))
+            nodes.append(Node.mlp_out(layer, at.get("pos")))
         else:
             pos = at.get("pos", at.get("dest_pos"))
             nodes.append(Node.head(layer, at["head"], pos, at.get("src_pos"), site=site))
