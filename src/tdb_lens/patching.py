@@ -23,14 +23,7 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from .attribution.nodes import Node
-
-try:  # the batched patching core (tdb_lens.attribution): hooks writing many patches into one pass
-    from .attribution.patch_core import patch_hooks as _core_patch_hooks
-except ImportError:  # pragma: no cover - the core before it moved to patch_core
-    from .attribution.activation_patching import patch_hooks as _old_patch_hooks
-
-    def _core_patch_hooks(model: Any, groups: Any, sources: Any, batch: int) -> list:
-        return _old_patch_hooks(groups, sources, batch)  # type: ignore[call-arg]
+from .attribution.patch_core import patch_hooks as _core_patch_hooks
 
 Metric = Callable[[torch.Tensor], Any]
 

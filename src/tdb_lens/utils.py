@@ -87,7 +87,7 @@ class Slice:
     def __init__(self, input_slice: Any = None) -> None:
         if isinstance(input_slice, Slice):
             input_slice = input_slice.slice
-        self.slice = slice(*input_slice) if isinstance(input_slice, tuple) else input_slice
+        self.slice: Any = slice(*input_slice) if isinstance(input_slice, tuple) else input_slice
 
     def apply(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
         return apply_slice(tensor, self.slice, dim)

@@ -68,7 +68,7 @@ class FactoredMatrix:
         lead = idx[:n_lead]
         rows = keep(idx[n_lead])
         cols = keep(idx[n_lead + 1]) if len(real) == self.ndim else slice(None)
-        return FactoredMatrix(self.A[(*lead, rows)], self.B[(*lead, slice(None), cols)])
+        return FactoredMatrix(self.A[lead + (rows,)], self.B[lead + (slice(None), cols)])
 
     # -- products -------------------------------------------------------------------------------
     @property
