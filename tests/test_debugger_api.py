@@ -80,7 +80,7 @@ def check_columns(model, table: dict, prompt: str, m) -> None:
             pat = cache[n.hook_name][0, n.index, n.pos, n.key_pos]
             kv = n.index // (attn.n_heads // attn.n_kv_heads)
             vk = cache[f"blocks.{n.layer}.attn.hook_v"][0, n.key_pos, kv]
-            assert close(v["direct_effect"][0], float(pat * (vk @ attn.W_O[n.index]) @ g[n.pos])), row
+            assert close(v["direct_effect"][0], float(pat * (vk @ attn.W_O[n.index].detach()) @ g[n.pos])), row
             assert close(v["activation"][0], float(pat)), row
         else:
             assert close(v["direct_effect"][0], float(de.get(n)[0])), row
