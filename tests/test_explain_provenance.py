@@ -220,7 +220,8 @@ def test_spliced_modules_are_part_of_a_harvest_not_of_the_model(models, tmp_path
     try:
         host.set_splice(Scale(2.0))
         first = splice_digest(a)
-        assert model_identity(a, "planted") == plain and first
+        spliced = model_identity(a, "planted")
+        assert (spliced.name, spliced.digest) == (plain.name, plain.digest) and spliced.spliced == first != ""
         harvest(a, corpus, PLANT_HOOK, tmp_path / "h", units=[0], k=4, batch_size=16, progress=False)
         host.set_splice(Scale(3.0))
         assert splice_digest(a) not in ("", first)

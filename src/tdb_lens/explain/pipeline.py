@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .harvest import HarvestResult, UnitRecord, harvest, n_units_at
-from .provenance import ModelIdentity, model_identity, splice_digest
+from .provenance import ModelIdentity, model_identity
 from .store import ExplanationRow, ExplanationStore, format_table
 
 SCORE_METHODS = ("correlation", "detection", "fuzzing", "causal")
@@ -282,7 +282,7 @@ def _run(config: ExplainConfig, model, log: Callable[[str], None], t0: float) ->
         store.check_model(ident.name, ident.digest)  # refuse before any work
         source = default_corpus_path() if config.corpus == "fortunes" else config.corpus
         corpus = build_corpus(model, source, ctx_len=config.ctx_len, n_windows=config.n_windows, seed=config.seed)
-        hdir = _harvest_dir(config, ident, splice_digest(model), corpus.fingerprint, units)
+        hdir = _harvest_dir(config, ident, corpus.fingerprint, units)
         log(f"harvesting {len(units)} units at {config.hook} over {corpus.n_windows} windows of {corpus.ctx_len} "
             f"tokens ({config.corpus}) into {hdir}")
         result = harvest(model, corpus, config.hook, hdir, units=units, k=config.k, batch_size=config.batch_size,
@@ -297,14 +297,15 @@ def _run(config: ExplainConfig, model, log: Callable[[str], None], t0: float) ->
                          tuple(config.scores))
 
 
-def _harvest_dir(config: ExplainConfig, ident: ModelIdentity, spliced: str, fingerprint: str,
-                 units: list[int]) -> Path:
+def _harvest_dir(config: ExplainConfig, ident: ModelIdentity, fingerprint: str, units: list[int]) -> Path:
+    """``--harvest-dir``, or a folder next to the store named after the hook, the model (name, weights
+    digest, spliced modules' digest), the corpus, k and the units."""
     if config.harvest_dir:
         return Path(config.harvest_dir)
     db = Path(config.db)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(ident.name).name)[:40] or "model"
     digest = hashlib.sha256(",".join(map(str, units)).encode()).hexdigest()[:12]
-    sae = f"-sae{spliced[:8]}" if spliced else ""
+    sae = f"-sae{ident.spliced[:8]}" if ident.spliced else ""
     leaf = f"{config.hook}-{name}-{ident.digest[:12]}{sae}-{fingerprint}-k{config.k}-{digest}"
     return db.with_name(f"{db.stem}-harvest") / leaf
 

@@ -22,16 +22,19 @@ import torch
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """``name`` as the user gave it (``smollm2-135m``, a path, a hub id) and ``digest``, hex."""
+    """``name`` as the user gave it (``smollm2-135m``, a path, a hub id), ``digest`` of its weights
+    (hex) and ``spliced``: the digest of the modules spliced into it when the identity was taken
+    ("" for none; not part of what a store compares)."""
 
     name: str
     digest: str
+    spliced: str = ""
 
     def short(self) -> str:
         return f"{self.name} (weights {self.digest[:12]})"
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "digest": self.digest}
+        return {"name": self.name, "digest": self.digest, "spliced": self.spliced}
 
 
 def _update(h, prefix: str, state: dict) -> None:
@@ -70,5 +73,6 @@ def model_name_of(model) -> str:
 
 
 def model_identity(model: torch.nn.Module, name: Optional[str] = None) -> ModelIdentity:
-    """The model's identity: ``name`` (default: what the model calls itself) and its weights digest."""
-    return ModelIdentity(name or model_name_of(model), weights_digest(model))
+    """The model's identity: ``name`` (default: what the model calls itself), its weights digest and
+    the digest of what is spliced into it now."""
+    return ModelIdentity(name or model_name_of(model), weights_digest(model), splice_digest(model))
