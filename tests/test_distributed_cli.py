@@ -110,7 +110,7 @@ def test_explain_under_torchrun_equals_the_one_process_command(model_dir, corpus
         assert scores.keys() == ref_scores.keys()
         for k in scores:
             assert scores[k] == pytest.approx(ref_scores[k], rel=1e-5, abs=1e-6, nan_ok=True)
-    assert "[rank 0/2] harvesting 4 units" in proc.stderr
+    assert "[rank 0/2] harvesting on 2 ranks" in proc.stderr
 
 
 def test_sae_train_under_torchrun(model_dir, corpus, tmp_path):

@@ -4,11 +4,11 @@
 command runs as always. Under torchrun (`tdb_lens.distributed.init`: gloo or NCCL, one device and
 thread count per rank):
 
-- ``explain``: every rank loads the model and harvests its shard of the corpus
-  (`tdb_lens.explain.sharding.harvest_sharded`, into ``<harvest dir>.shards/rank-R-of-N``); rank 0
-  consolidates the shards into the harvest directory the 1-process command uses and runs the
-  ordinary command, which finds the harvest complete and goes on to explain, score and store (the
-  explainer runs on rank 0). A rerun after a failure resumes every rank's shard.
+- ``explain``: every rank runs the ordinary command up to its harvest, which is replaced by the
+  sharded one (`tdb_lens.explain.sharding.harvest_sharded`, into ``<harvest dir>.shards/rank-R-of-N``);
+  rank 0 consolidates the shards into the harvest directory the 1-process command uses and goes on
+  to explain, score and store; the other ranks stop after their shard. A rerun after a failure
+  resumes every rank's shard.
 - ``sae train``: the command itself splits rows and the global batch over the ranks and trains with
   DDP (`tdb_lens.sae.distributed`); rank 0 writes the SAE and evaluates it.
 - ``ioi``: the command measures with `tdb_lens.ioi.sharding.ShardedIOIContext` (the circuit search
@@ -22,9 +22,12 @@ Progress bars show on rank 0 only; log lines name the rank (``[rank 1/2] ...``).
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from .distributed import Dist, env_world, init
 
@@ -50,69 +53,50 @@ def run_under_torchrun(cmd: str, rest: list[str]) -> Optional[int]:
     return 2
 
 
+class _OtherRankDone(Exception):
+    """Raised on ranks other than 0 once their part of ``explain`` (the harvest shard) is done."""
+
+
 def _explain(rest: list[str], d: Dist) -> int:
-    from .explain.cli import build_parser, config_from_args
+    """Every rank runs the ordinary command with the pipeline's harvest replaced by the sharded one;
+    after the harvest, ranks other than 0 stop and rank 0 goes on (explain, score, store)."""
+    from .explain import pipeline
+    from .explain.cli import build_parser
     from .explain.cli import main as explain_main
 
     args = build_parser().parse_args(rest)
     if args.search or args.list:
         return explain_main(rest) if d.is_main else 0
+    original = pipeline.harvest
+    pipeline.harvest = functools.partial(_harvest_on_ranks, d, original)
     try:
-        config = config_from_args(args)
-        config.check()
-        model = _load(config.model)
-        _harvest_shards(model, config, d)
-    except (ValueError, KeyError, FileNotFoundError, ImportError, OSError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        d.log.error(f"tdb-lens explain: error: {msg}")
-        return 2
-    d.barrier()
-    if not d.is_main:
+        return explain_main(rest)
+    except _OtherRankDone:
         return 0
-    from .cli import UsageError
-
-    try:
-        return explain_main(rest, model=model)
-    except UsageError as e:
-        print(f"tdb-lens explain: error: {e}", file=sys.stderr)
-        return 2
+    finally:
+        pipeline.harvest = original
 
 
-def _load(name: str) -> Any:
-    from .loading import load
-
-    return load(name).eval()
-
-
-def _harvest_shards(model: Any, config: Any, d: Dist) -> None:
-    """This rank's shard of the harvest the 1-process command would make; rank 0 consolidates them
-    into that command's harvest directory (left alone when it already holds a harvest)."""
-    from .corpus import build_corpus, default_corpus_path
-    from .explain.harvest import n_units_at
-    from .explain.pipeline import _attach_sae, _harvest_dir, parse_units
-    from .explain.provenance import model_identity
+def _harvest_on_ranks(d: Dist, original: Callable[..., Any], model: Any, corpus: Any, hook: str,
+                      out_dir: Union[str, os.PathLike], **kwargs: Any) -> Any:
+    """In place of `tdb_lens.explain.harvest.harvest` under torchrun: each rank harvests its shard into
+    ``<out_dir>.shards/rank-R-of-N``, rank 0 consolidates them into ``out_dir`` (the directory the
+    1-process command uses) and returns it; the other ranks stop. A harvest already in ``out_dir``
+    (say, from a 1-process run) is left to rank 0 alone."""
     from .explain.sharding import consolidate, harvest_sharded
 
-    attached = _attach_sae(model, config)
-    try:
-        model.hook_layout(config.hook)
-        ident = model_identity(model, config.model)
-        units = parse_units(config.units, n_units_at(model, config.hook), config.seed)
-        source = default_corpus_path() if config.corpus == "fortunes" else config.corpus
-        corpus = build_corpus(model, source, ctx_len=config.ctx_len, n_windows=config.n_windows, seed=config.seed)
-        hdir = Path(_harvest_dir(config, ident, corpus.fingerprint, units))
-        if (hdir / "manifest.json").exists():
-            return  # a harvest is there already (the 1-process command resumes or reuses it)
-        shards = hdir.with_name(hdir.name + ".shards")
+    out = Path(out_dir)
+    if (out / "manifest.json").exists():
         if d.is_main:
-            d.log.info(f"harvesting {len(units)} units at {config.hook} over {corpus.n_windows} windows on "
-                       f"{d.world_size} ranks into {shards}")
-        harvest_sharded(model, corpus, config.hook, shards, dist=d, merge=False, units=units, k=config.k,
-                        batch_size=config.batch_size, seed=config.seed, identity=ident, progress=config.progress)
-        if d.is_main:
-            consolidate(shards, hdir)
-    finally:
-        if attached is not None:
-            from .sae import remove_sae
-
-            remove_sae(model, attached)
+            return original(model, corpus, hook, out_dir, **kwargs)
+        raise _OtherRankDone
+    shards = out.with_name(out.name + ".shards")
+    progress = bool(kwargs.pop("progress", True))
+    if d.is_main:
+        d.log.info(f"harvesting on {d.world_size} ranks into {shards}")
+    harvest_sharded(model, corpus, hook, shards, dist=d, merge=False, progress=progress, **kwargs)
+    result = consolidate(shards, out) if d.is_main else None
+    d.barrier()
+    if not d.is_main:
+        raise _OtherRankDone
+    return result
