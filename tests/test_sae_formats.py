@@ -161,6 +161,7 @@ def test_openai_file_with_pickled_code_is_refused(tmp_path):
         load_sae(tmp_path / "evil.pt")
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # torch, on the plain pickle
 def test_legacy_pickles_are_refused_for_the_right_reason(tmp_path):
     class Payload:
         def __reduce__(self):
