@@ -249,3 +249,24 @@ def test_transformer_lens_surface():
     # run_with_cache(return_type=None) still records the final norm's scale (for logit_attrs)
     out, cache = model.run_with_cache(torch.tensor([[1, 2, 3]]), return_type=None)
     assert out is None and cache["ln_final.hook_scale"].shape == (1, 3, 1)
+
+
+def test_tokenizer_called_like_hugging_face():
+    """TransformerLens code calls ``model.tokenizer(prompts, padding=True, return_tensors="pt")`` and
+    ``model.tokenizer.batch_decode``: same ids, masks and text as transformers' GPT-2 tokenizer."""
+    from _gpt2_reference import hf_tokenizer
+
+    ours = tdb_lens.HookedTransformer.from_pretrained_no_processing("gpt2", hf_model=_hf()).tokenizer
+    theirs = hf_tokenizer()
+    theirs.pad_token = theirs.eos_token
+    for side in ("right", "left"):
+        theirs.padding_side = side
+        a, b = ours(PROMPTS + ["Hi"], padding=True, return_tensors="pt", padding_side=side), theirs(
+            PROMPTS + ["Hi"], padding=True, return_tensors="pt")
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["attention_mask"], b["attention_mask"])
+        assert ours.batch_decode(a["input_ids"]) == theirs.batch_decode(b["input_ids"])
+        assert ours.batch_decode(a["input_ids"], skip_special_tokens=True) == theirs.batch_decode(
+            b["input_ids"], skip_special_tokens=True)
+    assert ours(PROMPTS[0]) == dict(theirs(PROMPTS[0]))
+    with pytest.raises(ValueError, match="padding=True"):
+        ours(PROMPTS + ["Hi"], return_tensors="pt")

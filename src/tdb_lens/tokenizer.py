@@ -7,6 +7,7 @@ import hashlib
 from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
+from typing import Any
 
 GPT2_BPE_SHA256 = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
@@ -43,6 +44,39 @@ class Tokenizer:
             if t is not None:
                 return t
         return 0
+
+    # -- the parts of a Hugging Face tokenizer that TransformerLens code calls -----------------
+    def batch_decode(self, sequences: Sequence[Sequence[int]] | Any, skip_special_tokens: bool = False) -> list[str]:
+        """``decode`` of each row (a list of id lists or a 2-D tensor), as Hugging Face's."""
+        rows = sequences.tolist() if hasattr(sequences, "tolist") else sequences
+        special = {self.bos_token_id, self.eos_token_id, self.pad_token_id} - {None} if skip_special_tokens else set()
+        return [self.decode([int(i) for i in row if int(i) not in special]) for row in rows]
+
+    def __call__(self, text: str | Sequence[str], padding: bool | str = False, return_tensors: str | None = None,
+                 padding_side: str = "right", **ignored: Any) -> dict[str, Any]:
+        """``{"input_ids", "attention_mask"}`` as a Hugging Face tokenizer returns them (no BOS added,
+        as GPT-2's; ``padding`` True/"longest" pads to the longest with ``pad_id``; ``return_tensors="pt"``
+        gives tensors, which needs equal lengths or padding)."""
+        single = isinstance(text, str)
+        ids = [self.encode(t) for t in ([text] if single else list(text))]
+        if padding and padding != "do_not_pad":
+            if padding_side not in ("left", "right"):
+                raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+            n = max(len(r) for r in ids)
+            right = padding_side == "right"
+            mask = [[1] * len(r) + [0] * (n - len(r)) if right else [0] * (n - len(r)) + [1] * len(r) for r in ids]
+            ids = [r + [self.pad_id] * (n - len(r)) if right else [self.pad_id] * (n - len(r)) + r for r in ids]
+        else:
+            mask = [[1] * len(r) for r in ids]
+        if return_tensors == "pt":
+            import torch
+
+            if len({len(r) for r in ids}) > 1:
+                raise ValueError("sequences of different lengths cannot be one tensor: pass padding=True")
+            return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+        if return_tensors is not None:
+            raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+        return {"input_ids": ids[0] if single else ids, "attention_mask": mask[0] if single else mask}
 
 
 def _sha256(path) -> str:
