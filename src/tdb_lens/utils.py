@@ -90,6 +90,7 @@ class Slice:
         self.slice: Any = slice(*input_slice) if isinstance(input_slice, tuple) else input_slice
 
     def apply(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """``tensor`` indexed along ``dim`` (an int removes the axis)."""
         return apply_slice(tensor, self.slice, dim)
 
     def indices(self, max_ctx: Optional[int] = None) -> np.ndarray:

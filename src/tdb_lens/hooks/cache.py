@@ -27,7 +27,11 @@ TokenArg = Union[int, str, Int[torch.Tensor, "..."]]
 
 
 class NormLike(Protocol):
-    def normalize_stack(self, stack: torch.Tensor, scale: torch.Tensor) -> torch.Tensor: ...
+    """A norm that can normalise a stack of residual components with a given (cached) scale."""
+
+    def normalize_stack(self, stack: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Components normalised with ``scale`` (centred first for a LayerNorm), no weight/bias."""
+        ...
 
 
 class _Attn(Protocol):
@@ -39,6 +43,8 @@ class _MLP(Protocol):
 
 
 class BlockLike(Protocol):
+    """A block: its two norms, ``attn.W_O`` and ``mlp.W_out``."""
+
     ln1: NormLike
     ln2: NormLike
     attn: _Attn
@@ -54,13 +60,21 @@ class HookedModel(Protocol):
     ln_final: NormLike
 
     def hook_name(self, site: str, layer: Optional[int] = None, component: Optional[str] = None,
-                  host: Optional[str] = None) -> str: ...
+                  host: Optional[str] = None) -> str:
+        """The hook name of a site (``hook_name("z", 3)``)."""
+        ...
 
-    def final_norm(self, resid: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+    def final_norm(self, resid: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The final norm (with ``scale`` fixed when given)."""
+        ...
 
-    def tokens_to_residual_directions(self, tokens: Any) -> torch.Tensor: ...
+    def tokens_to_residual_directions(self, tokens: Any) -> torch.Tensor:
+        """Unembedding directions of tokens, ``[..., d_model]``."""
+        ...
 
-    def to_single_token(self, token: Union[str, int]) -> int: ...
+    def to_single_token(self, token: Union[str, int]) -> int:
+        """The id of a one-token string."""
+        ...
 
 
 def _as_index(s: Any) -> Any:
@@ -129,12 +143,15 @@ class ActivationCache:
         return iter(self.cache_dict)
 
     def keys(self):
+        """The cached hook names."""
         return self.cache_dict.keys()
 
     def values(self):
+        """The cached activations."""
         return self.cache_dict.values()
 
     def items(self):
+        """``(hook name, activation)`` pairs."""
         return self.cache_dict.items()
 
     def __repr__(self) -> str:

@@ -33,18 +33,22 @@ class FactoredMatrix:
     # -- shape ----------------------------------------------------------------------------------
     @property
     def shape(self) -> torch.Size:
+        """Leading axes, then ``ldim, rdim`` (the product's shape)."""
         return torch.Size((*self.A.shape[:-1], self.rdim))
 
     @property
     def ndim(self) -> int:
+        """Number of axes of the product."""
         return len(self.shape)
 
     @property
     def rank(self) -> int:
+        """An upper bound on the product's rank: ``min(ldim, mdim, rdim)``."""
         return min(self.ldim, self.mdim, self.rdim)
 
     @property
     def pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors ``(A, B)``."""
         return self.A, self.B
 
     def unsqueeze(self, k: int) -> FactoredMatrix:
@@ -85,6 +89,7 @@ class FactoredMatrix:
 
     @property
     def T(self) -> FactoredMatrix:
+        """The transpose, still factored: ``B.T @ A.T``."""
         return FactoredMatrix(self.B.transpose(-1, -2), self.A.transpose(-1, -2))
 
     def __matmul__(self, other: Union[torch.Tensor, FactoredMatrix]) -> Union[FactoredMatrix, torch.Tensor]:
@@ -130,10 +135,12 @@ class FactoredMatrix:
 
     @property
     def U(self) -> Float[torch.Tensor, "... ldim k"]:
+        """Left singular vectors as columns."""
         return self.svd()[0]
 
     @property
     def S(self) -> Float[torch.Tensor, "... k"]:
+        """Singular values, largest first."""
         return self.svd()[1]
 
     @property
