@@ -58,7 +58,8 @@ class Tokenizer:
         as GPT-2's; ``padding`` True/"longest" pads to the longest with ``pad_id``; ``return_tensors="pt"``
         gives tensors, which needs equal lengths or padding)."""
         single = isinstance(text, str)
-        ids = [self.encode(t) for t in ([text] if single else list(text))]
+        texts: list[str] = [text] if isinstance(text, str) else list(text)
+        ids = [self.encode(t) for t in texts]
         if padding and padding != "do_not_pad":
             if padding_side not in ("left", "right"):
                 raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
