@@ -2,7 +2,8 @@
 of a tiny random GPT-2 over a text file, at each hook in HOOKS, into ``OUT/<hook>``.
 
 Environment: ``DIE_RANK`` and ``DIE_AFTER``: that rank kills itself (SIGKILL) in its forward number
-DIE_AFTER + 1, i.e. after DIE_AFTER complete batches. Each run appends its forward count to
+DIE_AFTER + 1, i.e. after DIE_AFTER complete batches (with ``DIE_ONCE`` only in torchrun's first
+attempt, ``TORCHELASTIC_RESTART_COUNT`` 0). Each run appends its forward count to
 ``OUT/forwards-rank-R.txt``.
 """
 
@@ -33,6 +34,8 @@ def main(out: str, text_file: str) -> None:
     corpus = tiny_corpus(model, text_file)
     calls = [0]
     die_rank, die_after = int(os.environ.get("DIE_RANK", -1)), int(os.environ.get("DIE_AFTER", -1))
+    if os.environ.get("DIE_ONCE") and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        die_rank = -1
 
     def count(module, args):
         calls[0] += 1

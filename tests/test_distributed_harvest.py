@@ -92,6 +92,17 @@ def test_killed_rank_fails_the_job_and_a_rerun_resumes_exactly(text_file, refere
         assert_same(load_sharded(tmp_path / hook), reference[hook])
 
 
+def test_torchrun_restart_after_a_killed_rank_resumes_exactly(text_file, reference, tmp_path):
+    n_batches = 64 // SETTINGS["batch_size"]
+    proc = torchrun("_dist_harvest.py", str(tmp_path), str(text_file), torchrun_args=("--max-restarts=1",),
+                    extra_env={"DIE_RANK": "1", "DIE_AFTER": "3", "DIE_ONCE": "1"})
+    assert proc.returncode == 0, explain(proc)
+    # one attempt died (no forward count written), the restart resumed rank 1 after its 3 finished batches
+    assert (tmp_path / "forwards-rank-1.txt").read_text().split() == [str(len(HOOKS) * n_batches // 2 - 3)]
+    for hook in HOOKS:
+        assert_same(load_sharded(tmp_path / hook), reference[hook])
+
+
 def test_plain_process_is_one_shard_and_other_world_sizes_are_refused(text_file, reference, tmp_path):
     model = tiny_model()
     corpus = tiny_corpus(model, str(text_file))

@@ -202,6 +202,14 @@ def _threads_for(local_world: int, threads: Optional[int]) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, local_world))
 
 
+def _attempt_store(timeout_s: float) -> tdist.Store:
+    """The launcher's store (``env://`` rendezvous) under a prefix naming torchrun's restart attempt, so
+    that a restarted job never reads the addresses its killed attempt published."""
+    store, _, _ = next(tdist.rendezvous("env://", timeout=timedelta(seconds=timeout_s)))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return tdist.PrefixStore(f"tdb_lens/attempt-{attempt}", store)
+
+
 def init(threads: Optional[int] = None, backend: Optional[str] = None, timeout_s: float = 1800.0) -> Dist:
     """Join torchrun's process group (module docstring); a no-op returning rank 0 of 1 in a plain process.
 
@@ -231,7 +239,7 @@ def init(threads: Optional[int] = None, backend: Optional[str] = None, timeout_s
         kw: dict[str, Any] = {"backend": chosen, "timeout": timedelta(seconds=timeout_s)}
         if chosen == "nccl":
             kw["device_id"] = device
-        tdist.init_process_group(**kw)
+        tdist.init_process_group(store=_attempt_store(timeout_s), rank=rank, world_size=size, **kw)
         owns = True
     _CURRENT = Dist(rank, size, local_rank, local_world, chosen, device, n_threads, owns)
     return _CURRENT
