@@ -7,18 +7,25 @@ logit difference between a per-prompt target and distractor at the last position
 (0 = corrupted, 1 = clean). TransformerLens runs ``patching.get_act_patch_attn_head_out_by_pos``
 (one forward pass per (layer, position, head)); tdb_lens runs ``patch_heads(site="z", by_pos=True)``.
 
-    python bench/bench_patching.py [--batch 2] [--pos 10] [--threads N] [--tl-sample K]
+    python bench/bench_patching.py [--batch 2] [--pos 10] [--threads N] [--tl-sample K] [--json PATH]
 
 ``--tl-sample K`` runs TransformerLens on every K-th (layer, pos, head) patch only (its own
 ``generic_activation_patch`` with an ``index_df``), compares those entries and extrapolates its time
 to all patches (TransformerLens' time is linear in the number of patches: one forward pass each).
-The default K = 1 runs everything.
+The default K = 1 runs everything. Results (date, machine, command, wall and CPU times, ratio) go to
+``--json`` (default ``bench/results/bench_patching.json``; ``--json ''`` writes nothing). On a shared
+machine the CPU-time ratio is the steadier figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -64,6 +71,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tl-sample", type=int, default=1)
+    ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "bench_patching.json"))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,11 +106,12 @@ def main() -> None:
     n = tl.cfg.n_layers * tl.cfg.n_heads * P
     print(f"GPT-2 small (random weights), batch {B}, {P} positions: {n} patches (every head at every position); "
           f"torch threads {torch.get_num_threads()}")
-    t = time.perf_counter()
+    load_before = os.getloadavg()
+    t, c = time.perf_counter(), time.process_time()
     ours_res = patch_heads(ours, clean, corrupted, metric, site="z", by_pos=True, progress=False)
-    t_ours = time.perf_counter() - t
-    print(f"tdb_lens          {t_ours:8.2f} s")
-    t = time.perf_counter()
+    t_ours, c_ours = time.perf_counter() - t, time.process_time() - c
+    print(f"tdb_lens          {t_ours:8.2f} s  (CPU {c_ours:.2f} s)")
+    t, c = time.perf_counter(), time.process_time()
     with torch.no_grad():
         if args.tl_sample == 1:
             tl_res = tl_patching.get_act_patch_attn_head_out_by_pos(tl, corrupted, clean_cache, tl_metric)  # [layer, pos, head]
@@ -115,14 +124,37 @@ def main() -> None:
                 activation_name="z", index_df=df).float()
             ours_flat = ours_res.values.permute(0, 2, 1)[tuple(torch.tensor(df[c].values) for c in ("layer", "pos", "head"))]
             n_tl = len(df)
-    t_tl_run = time.perf_counter() - t
-    t_tl = t_tl_run * n / n_tl
+    t_tl_run, c_tl_run = time.perf_counter() - t, time.process_time() - c
+    t_tl, c_tl = t_tl_run * n / n_tl, c_tl_run * n / n_tl
     extra = "" if n_tl == n else f" ({n_tl} of {n} patches took {t_tl_run:.2f} s; extrapolated to all)"
     print(f"TransformerLens   {t_tl:8.2f} s{extra}")
     diff = float((ours_flat - tl_flat).abs().max())
     print(f"max |difference| of normalised results over {n_tl} patches: {diff:.2e}  (target <= 1e-4)")
-    print(f"speed-up: {t_tl / t_ours:.1f}x  (target >= 5x)")
+    print(f"speed-up: {t_tl / t_ours:.1f}x wall, {c_tl / c_ours:.1f}x CPU time  (target >= 5x)")
     print("top heads (tdb_lens):", [(str(k), round(v, 4)) for k, v in ours_res.top(5)])
+    if args.json:
+        _write_json(args.json, {
+            "settings": {"batch": B, "pos": P, "patches": n, "tl_patches_run": n_tl, "threads": torch.get_num_threads(),
+                         "seed": args.seed},
+            "tdb_lens_s": {"wall": t_ours, "cpu": c_ours},
+            "transformer_lens_s": {"wall": t_tl, "cpu": c_tl, "extrapolated": n_tl != n},
+            "speedup": {"wall": t_tl / t_ours, "cpu": c_tl / c_ours, "target": 5.0},
+            "max_abs_difference": diff,
+        }, load_before)
+
+
+def _write_json(path: str, results: dict, load_before: tuple) -> None:
+    out = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "torch": torch.__version__, "load_average_before": list(load_before),
+                    "load_average_after": list(os.getloadavg())},
+        "command": "python " + " ".join(sys.argv),
+        **results,
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
