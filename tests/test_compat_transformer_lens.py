@@ -270,3 +270,43 @@ def test_tokenizer_called_like_hugging_face():
     assert ours(PROMPTS[0]) == dict(theirs(PROMPTS[0]))
     with pytest.raises(ValueError, match="padding=True"):
         ours(PROMPTS + ["Hi"], return_tensors="pt")
+
+
+def llama_cache_idioms(model, tokens: torch.Tensor, answers: torch.Tensor) -> dict:
+    """The cache decompositions on a Llama-family model (RMSNorm, rotary, grouped-query attention)."""
+    _, cache = model.run_with_cache(tokens)
+    heads = cache.stack_head_results(layer=-1, pos_slice=-1)
+    return {
+        "resid_post -1": cache["resid_post", -1],
+        "accumulated_resid apply_ln": cache.accumulated_resid(layer=-1, incl_mid=True, pos_slice=-1, apply_ln=True),
+        "accumulated_resid layer 1": cache.accumulated_resid(layer=1, apply_ln=True, mlp_input=True),
+        "decompose_resid": cache.decompose_resid(layer=-1, pos_slice=-1, apply_ln=True),
+        "decompose_resid labels": cache.decompose_resid(layer=2, return_labels=True)[1],
+        "stack_head_results": heads,
+        "stack_head_results apply_ln": cache.stack_head_results(layer=2, pos_slice=[1, 4], apply_ln=True),
+        "stack_neuron_results": cache.stack_neuron_results(-1, pos_slice=-1),
+        "apply_ln_to_stack": cache.apply_ln_to_stack(heads, layer=-1, pos_slice=-1),
+        "OV": model.OV[1, 3].AB, "QK": model.QK[0, 2].AB, "OV S": model.OV[2, 1].S,
+        "dirs": model.tokens_to_residual_directions(answers).shape,
+    }
+
+
+@torch.no_grad()
+def test_llama_cache_idioms_match_transformer_lens():
+    from tdb_lens import HookedLlama
+    from test_llama_parity import VOCAB, _tl_model, make_hf
+
+    hf = make_hf("llama_gqa_untied", seed=3)
+    ours, theirs = HookedLlama.from_hf_model(hf).eval(), _tl_model(hf, ungroup=False)
+    g = torch.Generator().manual_seed(2)
+    tokens, answers = torch.randint(0, VOCAB, (2, 9), generator=g), torch.randint(0, VOCAB, (2, 2), generator=g)
+    got, want = llama_cache_idioms(ours, tokens, answers), llama_cache_idioms(theirs, tokens, answers)
+    errs = _compare(got, want, sorted(got))
+    assert max(errs.values()) < TOL, errs
+    # logit_attrs: tdb_lens' directions carry the final RMSNorm's weight (docs/PORTING.md), so the
+    # head attributions are TransformerLens' normalised heads dotted with weight * W_U
+    _, cache = ours.run_with_cache(tokens)
+    attrs = cache.logit_attrs(got["stack_head_results"], tokens=answers[:, 0], incorrect_tokens=answers[:, 1], pos_slice=-1)
+    w = ours.ln_final.w
+    direction = (theirs.W_U[:, answers[:, 0]] - theirs.W_U[:, answers[:, 1]]).T * w
+    assert max_diff(attrs, (want["apply_ln_to_stack"] * direction).sum(-1)) < TOL
