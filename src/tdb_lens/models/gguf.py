@@ -38,11 +38,10 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType
 from gguf.constants import GGML_QUANT_SIZES
 from jaxtyping import Float
-from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from .gguf_config import GGUFError, GGUFSettings, settings_from_metadata
-from .gguf_tokenizer import ChatTemplateError, gguf_tokenizer, render_chat
+from .gguf_tokenizer import ChatTemplateError, GGUFTokenizer, gguf_tokenizer, render_chat
 from .hub import count_nonfinite
 
 __all__ = [
@@ -313,16 +312,11 @@ def _place_tensors(path: Path, infos: list[GGUFTensorInfo], start: int, align: i
 
 
 @dataclass
-class GGUFCheckpoint:
-    settings: GGUFSettings
-    tensors: dict[str, torch.Tensor]  # Hugging Face name -> float tensor, Hugging Face shape
-    tokenizer: Tokenizer
-    bos_token_id: int | None
-    eos_token_id: int | None
-    pad_token_id: int | None
-    add_bos_token: bool
-    chat_template: str | None
-    eot_token_ids: list[int]  # ids generation stops on: eos and end-of-turn markers
+class GGUFCheckpoint(GGUFTokenizer):
+    """A read GGUF file: its tokenizer pieces (`GGUFTokenizer`'s fields), settings and tensors."""
+
+    settings: GGUFSettings = field(kw_only=True)
+    tensors: dict[str, torch.Tensor] = field(kw_only=True)  # Hugging Face name -> float tensor and shape
     metadata: dict = field(default_factory=dict)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
@@ -455,8 +449,4 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
         tensor_type_by_name={t.name: getattr(t.tensor_type, "name", str(t.tensor_type)) for t in infos},
         load_seconds=time.perf_counter() - start,
     )  # fmt: skip
-    return GGUFCheckpoint(
-        settings=settings, tensors=tensors, tokenizer=tok.tokenizer, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, add_bos_token=tok.add_bos_token,
-        chat_template=tok.chat_template, eot_token_ids=tok.eot_token_ids, metadata=info,
-    )  # fmt: skip
+    return GGUFCheckpoint(**vars(tok), settings=settings, tensors=tensors, metadata=info)
