@@ -26,14 +26,5 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 240.0, ex
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def run_plain(script: str, *args: str, timeout: float = 240.0, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``tests/{script}`` in one plain process (no torchrun environment)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-    env["OMP_NUM_THREADS"] = "1"
-    env.update(extra_env or {})
-    return subprocess.run([sys.executable, str(HERE / script), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def explain(proc: subprocess.CompletedProcess) -> str:
     return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
