@@ -95,7 +95,7 @@ def test_pair_direct_effects_add_up_to_each_heads(setup):
     model, inv = setup
     m = metric(model)
     cols = compute_columns(model, model.to_tokens(IOI), lambda logits, acts: m(logits), kinds=("head",))
-    pair_de = cols.families[0].values["direct_effect"][0]  # [L, H, Q, K]
+    pair_de = cols.families[0].values["direct_effect"][0].nan_to_num()  # [L, H, Q, K]; key > query: NaN
     de = direct_effects(model, IOI, m)
     torch.testing.assert_close(pair_de.sum(-1).permute(0, 2, 1), de.head[0], atol=1e-5, rtol=1e-5)
 

@@ -40,13 +40,12 @@ class DebuggerError(ValueError):
 
 @dataclass
 class Family:
-    """One family of nodes: per column a tensor ``[batch, *shape]``; ``make(index) -> Node``;
-    ``valid`` (bool ``shape``, optional) marks the entries that are nodes (pairs: key <= query)."""
+    """One family of nodes: per column a tensor ``[batch, *shape]``; ``make(index) -> Node``.
+    Entries that are not nodes (attention pairs whose key comes after the query) are NaN."""
 
     name: str
     values: dict[str, torch.Tensor]
     make: Callable[[tuple[int, ...]], Node]
-    valid: Optional[torch.Tensor] = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -132,60 +131,70 @@ def _live_dot(g: torch.Tensor, W: torch.Tensor, live: torch.Tensor) -> torch.Ten
     return out
 
 
-def _head_family(model, acts, grads, g: Optional[torch.Tensor], upstream: Callable[[float], bool]) -> Family:
-    cols: dict[str, list[torch.Tensor]] = {c: [] for c in COLUMNS}
-    for l in range(model.cfg.n_layers):
+def _empty(shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    return {c: torch.empty(shape) for c in COLUMNS}
+
+
+def _head_family(model, acts, grads, g: Optional[torch.Tensor], upstream: Callable[[float], bool],
+                 live: Optional[torch.Tensor]) -> Family:
+    L = model.cfg.n_layers
+    first = acts[model.hook_name("pattern", 0)]
+    b, H, Q, K = first.shape
+    out = _empty((b, L, H, Q, K))
+    for l in range(L):
         attn = model.blocks[l].attn
         pat = acts[model.hook_name("pattern", l)].float()  # [b, H, Q, K]
         v = acts[model.hook_name("v", l)].float().repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=2)
         vW = torch.einsum("bkhd,hdm->bhkm", v, attn.W_O.detach().float())  # [b, H, K, d_model]
-        cols["activation"].append(pat)
-        cols["write_magnitude"].append(pat * vW.norm(dim=-1)[:, :, None, :])
-        if g is None:
-            cols["direct_effect"].append(torch.full_like(pat, float("nan")))
-        elif upstream(2 * l + 1):
-            live = (g != 0).any(-1).any(0)
-            de = torch.zeros_like(pat)
-            de[:, :, live] = pat[:, :, live] * torch.einsum("bhkm,bqm->bhqk", vW, g[:, live].float())
-            cols["direct_effect"].append(de)
+        out["activation"][:, l] = pat
+        torch.mul(pat, vW.norm(dim=-1)[:, :, None, :], out=out["write_magnitude"][:, l])
+        de = out["direct_effect"][:, l]
+        if g is None or live is None:
+            de.fill_(float("nan"))
         else:
-            cols["direct_effect"].append(torch.zeros_like(pat))
-        cols["total_effect"].append(pat * grads[model.hook_name("pattern", l)].float())
-    values = {c: torch.stack(t, 1) for c, t in cols.items()}  # [b, L, H, Q, K]
-    L, H, Q, K = values["activation"].shape[1:]
-    valid = torch.ones(Q, K, dtype=torch.bool).tril().expand(L, H, Q, K)
-    return Family("head", values, lambda i: Node.head(i[0], i[1], i[2], i[3]), valid)
+            de.zero_()
+            if upstream(2 * l + 1):
+                de[:, :, live] = pat[:, :, live] * torch.einsum("bhkm,bqm->bhqk", vW, g[:, live].float())
+        torch.mul(pat, grads[model.hook_name("pattern", l)].float(), out=out["total_effect"][:, l])
+    future = ~torch.ones(Q, K, dtype=torch.bool).tril()  # key after query: not a node
+    for t in out.values():
+        t.masked_fill_(future, float("nan"))
+    return Family("head", out, lambda i: Node.head(i[0], i[1], i[2], i[3]))
 
 
-def _neuron_family(model, acts, grads, g: Optional[torch.Tensor], upstream: Callable[[float], bool]) -> Family:
-    cols: dict[str, list[torch.Tensor]] = {c: [] for c in COLUMNS}
-    for l in range(model.cfg.n_layers):
+def _neuron_family(model, acts, grads, g: Optional[torch.Tensor], upstream: Callable[[float], bool],
+                   live: Optional[torch.Tensor]) -> Family:
+    L = model.cfg.n_layers
+    b, P, N = acts[model.hook_name("post", 0)].shape
+    out = _empty((b, L, P, N))
+    for l in range(L):
         W_out = model.blocks[l].mlp.W_out.detach().float()  # [N, d_model]
         post = acts[model.hook_name("post", l)].float()
-        cols["activation"].append(post)
-        cols["write_magnitude"].append(post.abs() * W_out.norm(dim=-1))
-        if g is None:
-            cols["direct_effect"].append(torch.full_like(post, float("nan")))
+        out["activation"][:, l] = post
+        torch.mul(post.abs(), W_out.norm(dim=-1), out=out["write_magnitude"][:, l])
+        de = out["direct_effect"][:, l]
+        if g is None or live is None:
+            de.fill_(float("nan"))
         elif upstream(2 * l + 2):
-            cols["direct_effect"].append(post * _live_dot(g, W_out, (g != 0).any(-1).any(0)))
+            torch.mul(post, _live_dot(g, W_out, live), out=de)
         else:
-            cols["direct_effect"].append(torch.zeros_like(post))
-        cols["total_effect"].append(post * grads[model.hook_name("post", l)].float())
-    values = {c: torch.stack(t, 1) for c, t in cols.items()}  # [b, L, P, N]
-    return Family("neuron", values, lambda i: Node.neuron(i[0], i[2], i[1]))
+            de.zero_()
+        torch.mul(post, grads[model.hook_name("post", l)].float(), out=out["total_effect"][:, l])
+    return Family("neuron", out, lambda i: Node.neuron(i[0], i[2], i[1]))
 
 
-def _sae_families(model, acts, grads, g: Optional[torch.Tensor], upstream: Callable[[float], bool]) -> list[Family]:
+def _sae_families(model, acts, grads, g: Optional[torch.Tensor], upstream: Callable[[float], bool],
+                  live: Optional[torch.Tensor]) -> list[Family]:
     out = []
     for site, sae in attached_saes(model).items():
         name = sae_hook(model, site)
         a = acts[name].float()  # [b, P, F]
         W_dec = sae.W_dec.detach().float()
         where = _resid_order(model, site) + 0.5  # the latents replace the host's content after it is read
-        if g is None or W_dec.shape[-1] != model.cfg.d_model or math.isnan(where):
+        if g is None or live is None or W_dec.shape[-1] != model.cfg.d_model or math.isnan(where):
             de = torch.full_like(a, float("nan"))
         else:
-            de = a * _live_dot(g, W_dec, (g != 0).any(-1).any(0)) if upstream(where) else torch.zeros_like(a)
+            de = a * _live_dot(g, W_dec, live) if upstream(where) else torch.zeros_like(a)
         values = {"activation": a, "write_magnitude": a.abs() * W_dec.norm(dim=-1), "direct_effect": de,
                   "total_effect": a * grads[name].float()}
         out.append(Family(f"sae:{site}", values, (lambda s: lambda i: Node.sae_latent(s, i[1], i[0]))(site)))
@@ -242,26 +251,18 @@ def compute_columns(
     upstream = lambda where: bool(where <= limit)
     fams: list[Family] = []
     with torch.no_grad():
+        live = None if g is None else (g != 0).any(-1).any(0)  # positions the objective's gradient reaches
         if "embed" in kinds:
             fams += _embed_families(model, acts, grads, g)
         if "head" in kinds:
-            fams.append(_head_family(model, acts, grads, g, upstream))
+            fams.append(_head_family(model, acts, grads, g, upstream, live))
         if "neuron" in kinds:
-            fams.append(_neuron_family(model, acts, grads, g, upstream))
+            fams.append(_neuron_family(model, acts, grads, g, upstream, live))
         if "sae" in kinds:
-            fams += _sae_families(model, acts, grads, g, upstream)
+            fams += _sae_families(model, acts, grads, g, upstream, live)
     return Columns(fams, values.detach().float().reshape(-1), logits_box[-1].float(), acts)
 
 
-def flat_valid(fam: Family) -> Optional[Int[torch.Tensor, " n"]]:
-    """Flat indices of the entries of ``fam`` that are nodes (None: all)."""
-    if fam.valid is None:
-        return None
-    return fam.valid.reshape(-1).nonzero().reshape(-1)
-
-
 def family_values(fam: Family, column: str, row: int) -> Float[torch.Tensor, " n"]:
-    """One column of one batch row, flattened over the family's valid entries."""
-    v = fam.values[column][row].reshape(-1)
-    idx = flat_valid(fam)
-    return v if idx is None else v[idx]
+    """One column of one batch row, flattened (NaN where an entry is not a node or has no value)."""
+    return fam.values[column][row].reshape(-1)

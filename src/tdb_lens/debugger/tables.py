@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from ..attribution import Node
-from .columns import COLUMNS, Columns, family_values, flat_valid
+from .columns import COLUMNS, Columns, family_values
 
 SHORT = {"activation": "act", "write_magnitude": "write", "direct_effect": "direct", "total_effect": "act*grad"}
 
@@ -102,44 +102,36 @@ class NodeTable:
         return node_table_html(self)
 
 
-def _candidates(values: torch.Tensor, k: int) -> list[int]:
-    """Indices of the ``k`` largest and ``k`` smallest non-NaN entries."""
-    ok = ~torch.isnan(values)
-    if not bool(ok.any()):
-        return []
-    idx = ok.nonzero().reshape(-1)
-    v = values[idx]
-    kk = min(k, v.numel())
-    top = idx[v.topk(kk).indices]
-    bottom = idx[(-v).topk(kk).indices]
-    return top.tolist() + bottom.tolist()
+def _extremes(values: torch.Tensor, k: int) -> tuple[list[tuple[float, int]], list[tuple[float, int]]]:
+    """``(value, index)`` of the ``k`` largest and the ``k`` smallest non-NaN entries."""
+    kk = min(k, values.numel())
+    if kk == 0:
+        return [], []
+    top = torch.nan_to_num(values, nan=-math.inf).topk(kk)
+    bottom = torch.nan_to_num(values, nan=math.inf).topk(kk, largest=False)
+    keep = lambda r: [(v, i) for v, i in zip(r.values.tolist(), r.indices.tolist()) if math.isfinite(v)]
+    return keep(top), keep(bottom)
 
 
 def select_rows(cols: Columns, str_tokens: Sequence[Sequence[str]], k: int, compare: bool) -> list[NodeRow]:
     """Top-k and bottom-k of every column over all families together (and, comparing, of the
-    right side and of the diff too)."""
+    right side and of the diff too): each family's own extremes, then the extremes of those."""
     sides = [0, 1] if compare else [0]
-    flats = []
-    for fam in cols.families:
-        per = {c: torch.stack([family_values(fam, c, s) for s in sides]) for c in COLUMNS}
-        flats.append(per)
     chosen: dict[tuple[int, int], None] = {}
     for c in COLUMNS:
-        series = [torch.cat([f[c][i] for f in flats]) for i in range(len(sides))]
-        if compare:
-            series.append(series[1] - series[0])
-        offsets = [0]
-        for f in flats:
-            offsets.append(offsets[-1] + f[c].shape[1])
-        for s in series:
-            for i in _candidates(s, k):
-                fi = max(j for j in range(len(flats)) if offsets[j] <= i)
-                chosen[(fi, i - offsets[fi])] = None
+        for series in range(3 if compare else 1):
+            tops: list[tuple[float, int, int]] = []
+            bottoms: list[tuple[float, int, int]] = []
+            for fi, fam in enumerate(cols.families):
+                v = family_values(fam, c, series) if series < 2 else family_values(fam, c, 1) - family_values(fam, c, 0)
+                t, b = _extremes(v, k)
+                tops += [(x, fi, i) for x, i in t]
+                bottoms += [(x, fi, i) for x, i in b]
+            for _x, fi, i in sorted(tops, reverse=True)[:k] + sorted(bottoms)[:k]:
+                chosen[(fi, i)] = None
     rows = []
-    for fi, i in chosen:
+    for fi, flat in chosen:
         fam = cols.families[fi]
-        valid = flat_valid(fam)
-        flat = int(valid[i]) if valid is not None else i
         index = tuple(int(x) for x in torch.unravel_index(torch.tensor(flat), fam.shape))
         node = fam.make(index)
         pos = node.pos if node.pos is not None else 0
