@@ -1,11 +1,14 @@
 import pytest
 import torch
 
-from _attribution_models import make_model, model, tokens  # noqa: F401
-from tdb_lens.attribution.ablation import (ablate, compute_means, mean_ablation_hooks, resample_ablation_hooks,
-                                           zero_ablation_hooks)
-from tdb_lens.attribution.nodes import Node
+from _attribution_models import FAMILIES, make_model, tokens
+from tdb_lens.attribution.ablation import ablate, compute_means, mean_ablation_hooks, resample_ablation_hooks, zero_ablation_hooks
 from tdb_lens.attribution.steering import steer_direction, steer_nodes, steering_hooks
+
+
+@pytest.fixture(params=FAMILIES)
+def model(request):
+    return make_model(request.param)
 
 
 def test_empty_ablation_is_clean_run(model):

@@ -1,10 +1,16 @@
+import pytest
 import torch
 
-from _attribution_models import make_model, model, tokens  # noqa: F401
+from _attribution_models import FAMILIES, make_model, tokens
 from tdb_lens.attribution.act_grad import act_times_grad
 from tdb_lens.attribution.metrics import LogitDiff, LogProb
 from tdb_lens.attribution.nodes import Node
 from tdb_lens.attribution.trace import trace_upstream
+
+
+@pytest.fixture(params=FAMILIES)
+def model(request):
+    return make_model(request.param)
 
 
 def _grad_via_perturbation(model, toks, metric, hook_name):

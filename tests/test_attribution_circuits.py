@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from _attribution_models import make_model, tokens  # noqa: F401
+from _attribution_models import make_model, tokens
 from tdb_lens.attribution.activation_patching import activation_patch
 from tdb_lens.attribution.attribution_patching import attribution_patch
 from tdb_lens.attribution.circuits import edge_attribution_patching, evaluate_circuit, logits_node
@@ -142,6 +142,10 @@ def test_circuit_evaluation_identities(model3):
     assert abs(evaluate_circuit(model3, toks, MET, edges=every, reference=ref).faithfulness - 1) < 1e-5
 
 
+def _keep_or_mean(keep, means):
+    return lambda x, hook: torch.where(keep[None, ..., None], x, means)
+
+
 def test_circuit_per_group_means_and_positions(model3):
     toks, ref = tokens(4, 7), tokens(8, 7, seed=5)
     groups, target = [0, 1] * 4, [1, 1, 0, 0]
@@ -164,7 +168,7 @@ def test_circuit_per_group_means_and_positions(model3):
                 keep[:, 2] = True
             if name == "blocks.1.hook_mlp_out":
                 keep[:] = True
-            hooks.append((name, (lambda m, k: lambda x, hook: torch.where(k[None, ..., None], x, m))(means, keep)))
+            hooks.append((name, _keep_or_mean(keep, means)))
     want = float(MET(model3.run_with_hooks(toks, fwd_hooks=hooks)).mean())
     assert abs(r.circuit_metric - want) < 1e-5
     with pytest.raises(ValueError):

@@ -1,9 +1,15 @@
+import pytest
 import torch
 
-from _attribution_models import make_model, model, tokens  # noqa: F401
+from _attribution_models import FAMILIES, make_model, tokens
 from tdb_lens.attribution.direct_effects import direct_effects, logit_lens
 from tdb_lens.attribution.metrics import Logit, LogitDiff, LogProb
 from tdb_lens.attribution.nodes import Node
+
+
+@pytest.fixture(params=FAMILIES)
+def model(request):
+    return make_model(request.param)
 
 
 def test_direct_effects_sum_to_metric(model):

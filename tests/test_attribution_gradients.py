@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from _attribution_models import model, tokens  # noqa: F401
+from _attribution_models import FAMILIES, make_model, tokens
 from tdb_lens import HookedGPT2
 from tdb_lens.attribution import (
     LogitDiff,
@@ -23,6 +23,11 @@ from tdb_lens.attribution import (
 )
 from tdb_lens.ioi import IOIDataset
 from tdb_lens.ioi.discovery import IOIContext, attribution_by_position
+
+
+@pytest.fixture(params=FAMILIES)
+def model(request):
+    return make_model(request.param)
 
 MET = LogitDiff(torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6]))
 
@@ -67,7 +72,7 @@ def _assert_untouched(m, flags: dict[str, bool]) -> None:
 
 
 @pytest.mark.parametrize("freeze", ["none", "all", "some"])
-def test_gradient_apis_agree_on_frozen_and_unfrozen_models(model, freeze):  # noqa: F811
+def test_gradient_apis_agree_on_frozen_and_unfrozen_models(model, freeze):
     frozen = copy.deepcopy(model)
     if freeze == "all":
         frozen.requires_grad_(False)
@@ -85,7 +90,7 @@ def test_gradient_apis_agree_on_frozen_and_unfrozen_models(model, freeze):  # no
         assert torch.equal(a, b)
 
 
-def test_run_with_grads_matches_autograd_on_a_frozen_model(model):  # noqa: F811
+def test_run_with_grads_matches_autograd_on_a_frozen_model(model):
     """Reference: the same gradient with every parameter trainable, taken by a hand-written hook."""
     toks = tokens(3, 6, 3)
     name = model.hook_name("resid_mid", 1)
@@ -106,7 +111,7 @@ def test_run_with_grads_matches_autograd_on_a_frozen_model(model):  # noqa: F811
     _assert_untouched(model, {n: False for n, _ in model.named_parameters()})
 
 
-def test_run_with_grads_names_missing_activations(model):  # noqa: F811
+def test_run_with_grads_names_missing_activations(model):
     with pytest.raises(KeyError, match="never computed"):
         run_with_grads(model, tokens(), lambda logits, acts: MET(logits), [model.hook_name("z", 0)],
                        grad_names=["not_recorded"])

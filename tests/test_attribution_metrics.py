@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tdb_lens.attribution.metrics import CallableMetric, LogitDiff, LogProb, Logit, Prob, per_group
+from tdb_lens.attribution.metrics import CallableMetric, Logit, LogitDiff, LogProb, Prob, per_group
 
 
 def _logits():

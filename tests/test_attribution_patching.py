@@ -1,12 +1,17 @@
 import pytest
 import torch
 
-from _attribution_models import make_model, model, tokens  # noqa: F401
+from _attribution_models import FAMILIES, make_model, tokens
 from tdb_lens.attribution.activation_patching import activation_patch
 from tdb_lens.attribution.attribution_patching import attribution_patch
 from tdb_lens.attribution.metrics import CallableMetric, LogitDiff
 from tdb_lens.attribution.nodes import Node
 from tdb_lens.attribution.patching import patch_attn_out, patch_heads, patch_mlp_out, patch_neurons, patch_resid
+
+
+@pytest.fixture(params=FAMILIES)
+def model(request):
+    return make_model(request.param)
 
 
 def _pair():
@@ -62,7 +67,8 @@ def test_patching_clean_into_clean_changes_nothing(model):
     clean, _ = _pair()
     base = float(MET(model(clean)).mean().detach())
     for method in (activation_patch, attribution_patch):
-        out = method(model, clean, clean, MET, NODES, normalise=False, **({"progress": False} if method is activation_patch else {}))
+        extra = {"progress": False} if method is activation_patch else {}
+        out = method(model, clean, clean, MET, NODES, normalise=False, **extra)
         assert torch.allclose(out, torch.full_like(out, base), atol=1e-5)
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from _attribution_models import make_model, tokens  # noqa: F401
+from _attribution_models import make_model, tokens
 from tdb_lens.attribution.act_grad import act_times_grad
 from tdb_lens.attribution.activation_patching import activation_patch
 from tdb_lens.attribution.direct_effects import direct_effects
