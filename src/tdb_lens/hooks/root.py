@@ -52,7 +52,11 @@ class HookedRootModule(nn.Module):
         self.hook_dict[name] = hp
         lay = hp.layout
         if lay is not None:
-            self._layout_index.setdefault((lay.component, lay.site, lay.layer, lay.host), name)
+            # looked up by hook_name: every combination of given/omitted component and (for spliced
+            # points, whose host fixes the layer) layer, so a lookup is one dict access
+            for comp in (lay.component, None):
+                for layer in ((lay.layer, None) if lay.host is not None else (lay.layer,)):
+                    self._layout_index.setdefault((comp, lay.site, layer, lay.host), name)
 
     def _add_spliced_hook_points(self, name: str, hp: HookPoint) -> None:
         """Hook points of a module spliced into ``hp`` (an SAE) are named ``{hp.name}.{local}``;
@@ -93,10 +97,9 @@ class HookedRootModule(nn.Module):
         n_layers = getattr(getattr(self, "cfg", None), "n_layers", None)
         if layer is not None and layer < 0 and n_layers is not None:
             layer += n_layers
-        for (comp, s, lay, h), name in self._layout_index.items():
-            same_layer = lay == layer or (host is not None and layer is None)  # a host fixes the layer
-            if s == site and same_layer and h == host and (component is None or comp == component):
-                return name
+        name = self._layout_index.get((component, site, layer, host))
+        if name is not None:
+            return name
         sites = sorted({k[1] for k in self._layout_index})
         where = "" if layer is None else f" in layer {layer}"
         comp = "" if component is None else f" (component {component!r})"
