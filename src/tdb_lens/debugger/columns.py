@@ -46,6 +46,7 @@ class Family:
     name: str
     values: dict[str, torch.Tensor]
     make: Callable[[tuple[int, ...]], Node]
+    nan_free: bool = False  # True when no column holds a NaN (selection can skip the NaN pass)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -131,6 +132,21 @@ def _live_dot(g: torch.Tensor, W: torch.Tensor, live: torch.Tensor) -> torch.Ten
     return out
 
 
+_WEIGHT_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _cached(kind: str, W: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``fn(W)`` remembered while ``W``'s storage and version counter are unchanged (weights rarely
+    change between requests; an in-place edit bumps the version and recomputes)."""
+    key = (kind, W.data_ptr(), W._version, tuple(W.shape))
+    hit = _WEIGHT_CACHE.get(key)
+    if hit is None:
+        if len(_WEIGHT_CACHE) > 1024:
+            _WEIGHT_CACHE.clear()
+        hit = _WEIGHT_CACHE[key] = fn(W.detach().float())
+    return hit
+
+
 def _empty(shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
     return {c: torch.empty(shape) for c in COLUMNS}
 
@@ -145,16 +161,19 @@ def _head_family(model, acts, grads, g: Optional[torch.Tensor], upstream: Callab
         attn = model.blocks[l].attn
         pat = acts[model.hook_name("pattern", l)].float()  # [b, H, Q, K]
         v = acts[model.hook_name("v", l)].float().repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=2)
-        vW = torch.einsum("bkhd,hdm->bhkm", v, attn.W_O.detach().float())  # [b, H, K, d_model]
+        W_O = attn.W_O
+        gram = _cached("gram", W_O, lambda w: w @ w.transpose(1, 2))  # [H, d_head, d_head]
+        vnorm = torch.einsum("bkhd,hde,bkhe->bhk", v, gram, v).clamp(min=0).sqrt()  # ||v_k W_O[h]||
         out["activation"][:, l] = pat
-        torch.mul(pat, vW.norm(dim=-1)[:, :, None, :], out=out["write_magnitude"][:, l])
+        torch.mul(pat, vnorm[:, :, None, :], out=out["write_magnitude"][:, l])
         de = out["direct_effect"][:, l]
         if g is None or live is None:
             de.fill_(float("nan"))
         else:
             de.zero_()
             if upstream(2 * l + 1):
-                de[:, :, live] = pat[:, :, live] * torch.einsum("bhkm,bqm->bhqk", vW, g[:, live].float())
+                gW = torch.einsum("bqm,hdm->bhqd", g[:, live].float(), W_O.detach().float())
+                de[:, :, live] = pat[:, :, live] * torch.einsum("bhqd,bkhd->bhqk", gW, v)
         torch.mul(pat, grads[model.hook_name("pattern", l)].float(), out=out["total_effect"][:, l])
     future = ~torch.ones(Q, K, dtype=torch.bool).tril()  # key after query: not a node
     for t in out.values():
@@ -171,7 +190,7 @@ def _neuron_family(model, acts, grads, g: Optional[torch.Tensor], upstream: Call
         W_out = model.blocks[l].mlp.W_out.detach().float()  # [N, d_model]
         post = acts[model.hook_name("post", l)].float()
         out["activation"][:, l] = post
-        torch.mul(post.abs(), W_out.norm(dim=-1), out=out["write_magnitude"][:, l])
+        torch.mul(post.abs(), _cached("row_norm", W_out, lambda w: w.norm(dim=-1)), out=out["write_magnitude"][:, l])
         de = out["direct_effect"][:, l]
         if g is None or live is None:
             de.fill_(float("nan"))
@@ -180,7 +199,7 @@ def _neuron_family(model, acts, grads, g: Optional[torch.Tensor], upstream: Call
         else:
             de.zero_()
         torch.mul(post, grads[model.hook_name("post", l)].float(), out=out["total_effect"][:, l])
-    return Family("neuron", out, lambda i: Node.neuron(i[0], i[2], i[1]))
+    return Family("neuron", out, lambda i: Node.neuron(i[0], i[2], i[1]), nan_free=g is not None and live is not None)
 
 
 def _sae_families(model, acts, grads, g: Optional[torch.Tensor], upstream: Callable[[float], bool],

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from jaxtyping import Float
 
 from ..attribution import Node
 from .columns import COLUMNS, Columns, family_values
@@ -102,15 +103,32 @@ class NodeTable:
         return node_table_html(self)
 
 
-def _extremes(values: torch.Tensor, k: int) -> tuple[list[tuple[float, int]], list[tuple[float, int]]]:
+def topk_flat(v: Float[torch.Tensor, " n"], k: int, largest: bool = True, chunk: int = 4096):
+    """``(values, indices)`` of the ``k`` largest (smallest) entries of a long 1-D tensor: the
+    extremes of each chunk, then of those (several times faster than one ``topk`` on CPU)."""
+    n = v.numel()
+    m = n // chunk * chunk
+    if m <= chunk or k > chunk:
+        r = v.topk(min(k, n), largest=largest)
+        return r.values, r.indices
+    a = v[:m].view(-1, chunk).topk(k, dim=1, largest=largest)
+    vals = a.values.reshape(-1)
+    idx = (a.indices + torch.arange(0, m, chunk)[:, None]).reshape(-1)
+    if m < n:
+        vals, idx = torch.cat([vals, v[m:]]), torch.cat([idx, torch.arange(m, n)])
+    b = vals.topk(min(k, vals.numel()), largest=largest)
+    return b.values, idx[b.indices]
+
+
+def _extremes(values: torch.Tensor, k: int, nan_free: bool = False) -> tuple[list[tuple[float, int]], list[tuple[float, int]]]:
     """``(value, index)`` of the ``k`` largest and the ``k`` smallest non-NaN entries."""
-    kk = min(k, values.numel())
-    if kk == 0:
+    if min(k, values.numel()) == 0:
         return [], []
-    top = torch.nan_to_num(values, nan=-math.inf).topk(kk)
-    bottom = torch.nan_to_num(values, nan=math.inf).topk(kk, largest=False)
-    keep = lambda r: [(v, i) for v, i in zip(r.values.tolist(), r.indices.tolist()) if math.isfinite(v)]
-    return keep(top), keep(bottom)
+    out = []
+    for largest, fill in ((True, -math.inf), (False, math.inf)):
+        v, i = topk_flat(values if nan_free else torch.nan_to_num(values, nan=fill), k, largest)
+        out.append([(x, j) for x, j in zip(v.tolist(), i.tolist()) if math.isfinite(x)])
+    return out[0], out[1]
 
 
 def select_rows(cols: Columns, str_tokens: Sequence[Sequence[str]], k: int, compare: bool) -> list[NodeRow]:
@@ -124,7 +142,7 @@ def select_rows(cols: Columns, str_tokens: Sequence[Sequence[str]], k: int, comp
             bottoms: list[tuple[float, int, int]] = []
             for fi, fam in enumerate(cols.families):
                 v = family_values(fam, c, series) if series < 2 else family_values(fam, c, 1) - family_values(fam, c, 0)
-                t, b = _extremes(v, k)
+                t, b = _extremes(v, k, fam.nan_free)
                 tops += [(x, fi, i) for x, i in t]
                 bottoms += [(x, fi, i) for x, i in b]
             for _x, fi, i in sorted(tops, reverse=True)[:k] + sorted(bottoms)[:k]:
