@@ -74,7 +74,7 @@ def check_columns(model, table: dict, prompt: str, m) -> None:
     for row in table["rows"]:
         n, v = Node.parse(row["node"]), row["values"]
         assert close(v["total_effect"][0], float(ag.effect.get(n)[0])), row
-        assert close(v["write_magnitude"][0], float(ag.write_norm.get(n)[0])), row
+        assert close(v["write_magnitude"][0], float(ag.write_norm.get(n)[0].detach())), row
         if n.kind == "head":  # an attention pair: pattern[q, k] (v_k W_O[h]) . gradient[q], written out here
             attn = model.blocks[n.layer].attn
             pat = cache[n.hook_name][0, n.index, n.pos, n.key_pos]
