@@ -388,3 +388,17 @@ def test_explain_action_stores_the_baseline_explanation(setup, client):
     page = client.post("/api/unit", json=dict(STATE, node="L0.N5")).json()
     assert r.json()["text"] in [e["text"] for e in page["explanations"]]
     assert client.post("/api/explain", json=dict(STATE, node="L1.N5@2")).status_code == 400  # not harvested
+
+
+def test_background_server_for_notebooks(setup):
+    import httpx
+
+    from tdb_lens.debugger.app import BackgroundServer
+
+    srv = BackgroundServer(setup[1])
+    try:
+        assert srv.url.startswith("http://127.0.0.1:") and srv.token is None
+        assert httpx.get(srv.url + "api/info", timeout=60).json()["n_layers"] == 2
+        assert f"src='{srv.url}'" in srv._repr_html_()
+    finally:
+        srv.stop()

@@ -214,3 +214,35 @@ def _sae_sites(inv) -> list[str]:
 
 def new_token() -> str:
     return secrets.token_urlsafe(24)
+
+
+class BackgroundServer:
+    """The app served by uvicorn in a daemon thread (``url``; ``stop()``), e.g. to show it in a notebook."""
+
+    def __init__(self, inv: Investigation, host: str = "127.0.0.1", port: int = 0, token: Optional[str] = None) -> None:
+        import time
+
+        import uvicorn
+
+        if needs_token(host) and token is None:
+            token = new_token()
+        self.token = token
+        self.server = uvicorn.Server(uvicorn.Config(create_app(inv, token), host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        for _ in range(1200):
+            if self.server.started:
+                break
+            time.sleep(0.05)
+        if not self.server.started:
+            raise RuntimeError(f"the debugger server did not start on {host}:{port}")
+        bound = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://{host}:{bound}/" + (f"?token={token}" if token else "")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def _repr_html_(self) -> str:
+        """The app in an iframe (the notebook's browser must reach ``url``)."""
+        return f"<iframe src='{self.url}' width='100%' height='800' style='border:1px solid #ddd'></iframe>"
