@@ -6,6 +6,7 @@ Modules: `columns` (the node table's columns from one forward and one backward p
 search, explain), `views` (self-contained HTML), `app` (the FastAPI web app), `cli` (``tdb-lens debug``).
 """
 
+from .app import BackgroundServer, create_app
 from .columns import COLUMNS, KINDS, DebuggerError, compute_columns
 from .investigation import Intervention, Investigation
 from .tables import LogitTable, NodeRow, NodeTable
@@ -13,7 +14,7 @@ from .units import SearchResults, UnitPage
 from .views import AttentionView, LogitLensView, labelled_html, logit_lens_view, token_heatmap_html
 
 __all__ = [
-    "COLUMNS", "KINDS", "AttentionView", "DebuggerError", "Intervention", "Investigation", "LogitLensView",
+    "COLUMNS", "KINDS", "AttentionView", "BackgroundServer", "create_app", "DebuggerError", "Intervention", "Investigation", "LogitLensView",
     "LogitTable", "NodeRow", "NodeTable", "SearchResults", "UnitPage", "compute_columns", "labelled_html",
     "logit_lens_view", "token_heatmap_html",
 ]
