@@ -14,7 +14,7 @@ from .units import SearchResults, UnitPage
 from .views import AttentionView, LogitLensView, labelled_html, logit_lens_view, token_heatmap_html
 
 __all__ = [
-    "COLUMNS", "KINDS", "AttentionView", "BackgroundServer", "create_app", "DebuggerError", "Intervention", "Investigation", "LogitLensView",
-    "LogitTable", "NodeRow", "NodeTable", "SearchResults", "UnitPage", "compute_columns", "labelled_html",
-    "logit_lens_view", "token_heatmap_html",
+    "COLUMNS", "KINDS", "AttentionView", "BackgroundServer", "DebuggerError", "Intervention", "Investigation",
+    "LogitLensView", "LogitTable", "NodeRow", "NodeTable", "SearchResults", "UnitPage", "compute_columns",
+    "create_app", "labelled_html", "logit_lens_view", "token_heatmap_html",
 ]
