@@ -155,6 +155,10 @@ def main(argv=None) -> int:
            "command": "python bench/bench_debugger.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "request": bench_request(args)}
     r = res["request"]
+    res["provenance"] = {"date": res["date"], "command": res["command"],
+                         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs (load average "
+                                    f"{r['load_average_1min_before']:.1f}), torch {torch.__version__}, "
+                                    f"{args.threads} thread(s)"}
     print(f"SmolLM2, {r['prompt_tokens']} tokens: fwd+bwd {r['median_s']['fwd_bwd']:.3f}s, node table "
           f"{r['median_s']['node_table']:.3f}s ({r['rows']} rows), columns {r['median_s']['columns']:.3f}s; "
           f"ratio node_table/fwd_bwd {r['ratio_node_table_over_fwd_bwd']:.2f} wall, "
