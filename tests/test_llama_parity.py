@@ -319,7 +319,7 @@ def test_score_hook_masking_a_whole_row_matches_transformer_lens(tl_pair, grad):
         return scores
 
     name = "blocks.1.attn.hook_attn_scores"
-    names = lambda n: n.endswith(("hook_pattern", "hook_z"))  # noqa: E731
+    names = lambda n: n.endswith(("hook_pattern", "hook_z"))
     with torch.set_grad_enabled(grad):
         with ours.hooks(fwd_hooks=[(name, kill_row)]):
             our_logits, our_cache = ours.run_with_cache(tokens, names_filter=names)
