@@ -139,7 +139,7 @@ def test_trace_through_query_equals_manual_hooks(setup, client):
             act, grad = ref["blocks.0.mlp.hook_post"]
             assert close(v["total_effect"][0], float(act[0, n.pos, n.index] * grad[0, n.pos, n.index]))
             assert close(v["total_effect"][0], float(lib.get(n)[0]))
-            W_out = model.blocks[0].mlp.W_out[n.index]
+            W_out = model.blocks[0].mlp.W_out[n.index].detach()
             assert close(v["direct_effect"][0], float(act[0, n.pos, n.index] * (W_out @ g_read[n.pos])))
             checked += 1
         elif n.kind == "head" and n.layer == 0:
