@@ -10,13 +10,13 @@ resumable, mergeable top-k / quantile / random examples), `prompts` (prompt form
 (`run_explain`, what ``tdb-lens explain`` runs), `cli`.
 """
 
+from ..provenance import ModelIdentity, model_identity
 from .backends import BackendError, LocalChatBackend, OpenAIChatBackend, backend_from_spec
 from .causal import CausalScore, CausalScorer
 from .corpus import Corpus, CorpusUnavailableError, build_corpus, default_corpus_path, iter_texts
 from .explainer import Explanation, LLMExplainer, TopTokensExplainer
 from .harvest import HarvestResult, UnitRecord, harvest, load_harvest
 from .pipeline import ExplainConfig, ExplainReport, run_explain
-from .provenance import ModelIdentity, model_identity
 from .scoring import correlation_score, detection_score, fuzzing_score, pearson, score_all
 from .search import MiniLMEmbedder, cluster, prompt_clusters, prompt_units, search
 from .simulator import AllAtOnceSimulator, JSONSimulator, LikelihoodSimulator, simulator_for

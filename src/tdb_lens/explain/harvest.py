@@ -47,6 +47,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..corpus import Corpus
+from ..provenance import ModelIdentity, model_identity, model_name_of, splice_digest
 from .harvest_state import (
     _INF_KEY,
     _M32,
@@ -58,7 +59,6 @@ from .harvest_state import (
     priorities,
     random_window_ids,
 )
-from .provenance import ModelIdentity, model_identity, model_name_of, splice_digest
 from .units import UnitSite, unit_activations
 
 __all__ = ["FORMAT_VERSION", "HarvestConfig", "HarvestResult", "UnitRecord", "capture", "harvest", "load_harvest",

@@ -30,8 +30,8 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from ..provenance import ModelIdentity, model_identity
 from .harvest import HarvestResult, UnitRecord, harvest, n_units_at
-from .provenance import ModelIdentity, model_identity
 from .store import ExplanationRow, ExplanationStore, format_table
 
 SCORE_METHODS = ("correlation", "detection", "fuzzing", "causal")

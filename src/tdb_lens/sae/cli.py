@@ -194,7 +194,7 @@ def _load_model(args: argparse.Namespace) -> Any:
     return model
 
 
-def _configs(args: argparse.Namespace, d_in: int) -> tuple[SAEConfig, TrainConfig]:
+def _configs(args: argparse.Namespace, d_in: int, model_digest: str) -> tuple[SAEConfig, TrainConfig]:
     d_sae = args.d_sae or 8 * d_in
     lr = args.lr if args.lr is not None else 2e-4 / (d_sae / 16384) ** 0.5
     try:
@@ -203,7 +203,7 @@ def _configs(args: argparse.Namespace, d_in: int) -> tuple[SAEConfig, TrainConfi
                             normalize_activations="layer_norm" if args.layer_norm_inputs else "none",
                             hook_name=args.hook, model_name=args.model,
                             metadata={"corpus": args.corpus, "context_size": args.context_size,
-                                      "skip_positions": args.skip_positions})
+                                      "skip_positions": args.skip_positions, "model_digest": model_digest})
     except ValueError as e:
         raise UsageError(str(e)) from None
     train_cfg = TrainConfig(total_activations=args.tokens, batch_size=args.batch_size, lr=lr,
@@ -214,8 +214,10 @@ def _configs(args: argparse.Namespace, d_in: int) -> tuple[SAEConfig, TrainConfi
 
 
 def _provenance(args: argparse.Namespace) -> dict[str, str]:
-    """What the cached activations were computed from (checked before they are reused)."""
-    return {k: str(getattr(args, k)) for k in ("model", "hook", "corpus", "context_size", "skip_positions", "seed")}
+    """What the cached activations were computed from (checked before they are reused): the
+    settings, and the model's weights digest (`tdb_lens.provenance`), set by `_train`."""
+    keys = ("model", "model_digest", "hook", "corpus", "context_size", "skip_positions", "seed")
+    return {k: str(getattr(args, k, "")) for k in keys}
 
 
 def _data(model: Any, train_rows: torch.Tensor, args: argparse.Namespace, out: Path) -> Iterator[torch.Tensor]:
@@ -247,6 +249,7 @@ def _data(model: Any, train_rows: torch.Tensor, args: argparse.Namespace, out: P
 
 
 def _train(args: argparse.Namespace) -> int:
+    from ..provenance import model_identity
     from .activation_store import check_token_vectors
     from .distributed import DistributedSAETrainer, cli_rank_setup
 
@@ -256,7 +259,8 @@ def _train(args: argparse.Namespace) -> int:
         d_in = check_token_vectors(model, args.hook)
     except (KeyError, ValueError) as e:
         raise UsageError(f"--hook: {str(e).strip(chr(34) + chr(39))}") from None
-    sae_cfg, train_cfg = _configs(args, d_in)
+    args.model_digest = model_identity(model, args.model).digest
+    sae_cfg, train_cfg = _configs(args, d_in, args.model_digest)
     train_rows, eval_rows = _rows(model, args)
     out = Path(args.out)
     # under torchrun: this rank's rows, batch and cache folder (tdb_lens.sae.distributed); as is otherwise

@@ -292,8 +292,9 @@ class SAETrainer:
         with open(path / "trainer.json", encoding="utf-8") as f:
             meta = json.load(f)
         saved_cfg = SAEConfig.from_dict(meta["sae_config"])
-        keys = ("architecture", "d_in", "d_sae", "k", "hook_name", "model_name")
-        saved, ours = ({k: getattr(c, k) for k in keys} for c in (saved_cfg, self.sae.cfg))
+        keys = ("architecture", "d_in", "d_sae", "k", "hook_name", "model_name", "model_digest")
+        saved, ours = ({k: getattr(c, k, None) if k != "model_digest" else c.metadata.get(k) for k in keys}
+                       for c in (saved_cfg, self.sae.cfg))
         if saved != ours:
             diff = ", ".join(f"{k}={saved[k]!r} (now {ours[k]!r})" for k in keys if saved[k] != ours[k])
             raise ValueError(f"checkpoint {path} is for a different SAE: {diff}; use another --out or resume=False")
