@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "debugger.ipynb"
 
 
@@ -19,12 +17,4 @@ def test_debugger_notebook_is_committed_with_outputs():
     assert not [o for c in code for o in c["outputs"] if o.output_type == "error"]
 
 
-@pytest.mark.slow
-def test_debugger_notebook_executes(tmp_path):
-    import nbformat
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=1500, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
-    assert not errors
+# Executing it from top to bottom is tests/test_notebooks.py's job (it runs every notebook).
