@@ -56,6 +56,13 @@ class ActGrad:
     def top(self, k: int = 20, kinds: Optional[Sequence[str]] = None) -> list:
         return self.effect.top(k, kinds)
 
+    def __repr__(self) -> str:
+        top = ", ".join(f"{n}: {v:+.3g}" for n, v in self.top(3))
+        return f"ActGrad(metric {self.metric.float().mean():+.4g} over {self.metric.numel()} prompts; top {top})"
+
+    def _repr_html_(self) -> str:
+        return self.effect._repr_html_()
+
 
 Getter = Callable[[str], torch.Tensor]
 

@@ -87,6 +87,13 @@ class EdgeScores:
     receivers: list[Node]
     valid: torch.Tensor
 
+    def __repr__(self) -> str:
+        top = ", ".join(f"{s}->{r}: {v:+.3g}" for (s, r), v in self.top(3))
+        return f"EdgeScores({len(self.senders)} senders x {len(self.receivers)} receivers; top {top})"
+
+    def _repr_html_(self) -> str:
+        return self.scores._repr_html_()
+
     def top(self, k: int = 20, by_abs: bool = True) -> list[tuple[tuple[Node, Node], float]]:
         v = self.scores.values.masked_fill(~self.valid, 0.0)
         key = (v.abs() if by_abs else v).reshape(-1)

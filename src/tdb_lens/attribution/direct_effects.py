@@ -25,7 +25,7 @@ from .results import Labelled, pos_labels
 from .scores import NodeScores
 
 
-@dataclass
+@dataclass(repr=False)  # NodeScores.__repr__: short, no tensor dump
 class DirectEffects(NodeScores):
     """`NodeScores` of direct effects plus the terms that are not nodes.
 

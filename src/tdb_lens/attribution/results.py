@@ -15,6 +15,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ..html import labelled_html
 from .nodes import Node
 
 
@@ -76,6 +77,9 @@ class Labelled:
     def __repr__(self) -> str:
         dims = ", ".join(f"{a}={n}" for a, n in zip(self.axes, self.values.shape))
         return f"Labelled({self.title!r}, {dims})"
+
+    def _repr_html_(self) -> str:
+        return labelled_html(self)
 
     # -- display ------------------------------------------------------------------------------
     def plot(self, ax=None, cmap: str = "RdBu", symmetric: bool = True, annotate: Optional[bool] = None, **kw):

@@ -13,6 +13,7 @@ A node without a position sums over positions (and, for pairs, over the missing 
 
 from __future__ import annotations
 
+import html
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
+from ..html import labelled_html
 from .nodes import Node, NodeLike, as_node
 from .results import Labelled, node_grid, pos_labels
 
@@ -38,6 +40,19 @@ class NodeScores:
     sae: dict[str, torch.Tensor] = field(default_factory=dict)
     sae_error: dict[str, torch.Tensor] = field(default_factory=dict)
     title: str = ""
+
+    # -- display ------------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        fams = [f"{f}{list(t.shape)}" for f in ("head", "neuron", "attn", "mlp", "resid", "embed", "pos_embed", "pair")
+                if (t := getattr(self, f)) is not None]
+        fams += [f"sae[{s}]{list(t.shape)}" for s, t in self.sae.items()]
+        top = ", ".join(f"{n}: {v:+.3g}" for n, v in self.top(3)) if fams else ""
+        return f"{type(self).__name__}({self.title!r}; {', '.join(fams) or 'empty'}" + (f"; top {top})" if top else ")")
+
+    def _repr_html_(self) -> str:
+        if self.head is None:
+            return f"<pre>{html.escape(repr(self))}</pre>"
+        return labelled_html(self.heads_grid())
 
     # -- lookup -------------------------------------------------------------------------------
     def field(self, name: str) -> Float[torch.Tensor, " batch *rest"]:

@@ -39,6 +39,14 @@ class Trace:
     def top(self, k: int = 20, kinds: Optional[Sequence[str]] = None, side: Optional[str] = None):
         return (self.sides[side] if side else self.effect).top(k, kinds)
 
+    def __repr__(self) -> str:
+        top = ", ".join(f"{n}: {v:+.3g}" for n, v in self.top(3))
+        sides = f", sides {sorted(self.sides)}" if self.sides else ""
+        return f"Trace({self.target}, value {self.value.float().mean():+.4g}{sides}; top {top})"
+
+    def _repr_html_(self) -> str:
+        return self.effect._repr_html_()
+
 
 def target_value(model: Any, node: Node, act: torch.Tensor,
                  direction: Optional[Float[torch.Tensor, " d"]] = None) -> Float[torch.Tensor, " batch"]:

@@ -6,12 +6,13 @@ Modules: `columns` (the node table's columns from one forward and one backward p
 search, explain), `views` (self-contained HTML), `app` (the FastAPI web app), `cli` (``tdb-lens debug``).
 """
 
+from ..html import labelled_html
 from .app import BackgroundServer, create_app
 from .columns import COLUMNS, KINDS, DebuggerError, compute_columns
 from .investigation import Intervention, Investigation
 from .tables import LogitTable, NodeRow, NodeTable
 from .units import SearchResults, UnitPage
-from .views import AttentionView, LogitLensView, labelled_html, logit_lens_view, token_heatmap_html
+from .views import AttentionView, LogitLensView, logit_lens_view, token_heatmap_html
 
 __all__ = [
     "COLUMNS", "KINDS", "AttentionView", "BackgroundServer", "DebuggerError", "Intervention", "Investigation",

@@ -79,6 +79,10 @@ class IOIContext:
     means: dict[str, torch.Tensor]  # z hook -> [n_groups, pos, head, d_head]
     clean_ld: torch.Tensor  # [batch]
 
+    def __repr__(self) -> str:
+        return (f"IOIContext({len(self.clean_ld)} prompts, {len(self.means)} head sites with per-template ABC means, "
+                f"clean logit diff {self.clean_ld.float().mean():.3f})")
+
     @classmethod
     def from_dataset(cls, model: HookedTransformer, dataset: IOIDataset, abc_seed: Optional[int] = None) -> IOIContext:
         """Tokenize ``dataset`` and its ABC corruption; group the prompts by template."""
@@ -296,6 +300,11 @@ class IOICircuit:
     @property
     def heads(self) -> set[Head]:
         return {h for hs in self.classes.values() for h in hs}
+
+    def __repr__(self) -> str:
+        classes = "; ".join(f"{c}: {' '.join(f'{l}.{h}' for l, h in hs)}" for c, hs in self.classes.items() if hs)
+        return (f"IOICircuit({len(self.heads)} heads, faithfulness {self.faithfulness:.3f}, "
+                f"logit diff {self.circuit_ld:.3f} of {self.model_ld:.3f}; {classes})")
 
     def class_of(self, head: Head) -> Optional[str]:
         return next((k for k, hs in self.classes.items() if head in hs), None)

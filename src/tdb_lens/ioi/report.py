@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import time
@@ -28,6 +29,14 @@ class IOIReport:
     json: dict
     circuit: IOICircuit
     context: IOIContext
+
+    def __repr__(self) -> str:
+        j = self.json
+        return (f"IOIReport({j.get('model')}, {j.get('n_prompts')} prompts: logit diff {j.get('logit_diff', float('nan')):.3f}, "
+                f"{j.get('n_heads')} heads, faithfulness {j.get('faithfulness', float('nan')):.3f})")
+
+    def _repr_html_(self) -> str:
+        return "<pre>" + html.escape(format_report(self.json)) + "</pre>"
 
     def head_labels(self) -> tuple[list[str], list[str]]:
         cfg = self.context.model.cfg

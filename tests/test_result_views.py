@@ -1,0 +1,43 @@
+"""Result objects print short, informative reprs (no tensor dumps) and render inline HTML.
+
+References: the objects' own numbers (the repr shows the top node the object's ``top()`` gives;
+the heat map has one cell per value of the heads grid)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from tdb_lens import GPT2Config, HookedGPT2
+from tdb_lens import attribution as A
+
+
+def _model() -> HookedGPT2:
+    return HookedGPT2.from_config(GPT2Config(n_layers=2, d_model=64, n_heads=4, d_mlp=128, d_vocab=100, n_ctx=16), seed=0)
+
+
+TOKENS = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(1))
+
+
+def test_reprs_are_short_and_name_the_top_node():
+    model = _model()
+    metric = A.LogitDiff(3, 5)
+    objs = [A.direct_effects(model, TOKENS, metric), A.act_times_grad(model, TOKENS, metric),
+            A.trace_upstream(model, TOKENS, "L1.H2@-1")]
+    for obj in objs:
+        r = repr(obj)
+        assert len(r) < 400 and "tensor(" not in r, r
+        node, _ = obj.top(1)[0]
+        assert str(node) in r, r
+
+
+def test_html_views_have_one_cell_per_value():
+    model = _model()
+    de = A.direct_effects(model, TOKENS, A.LogitDiff(3, 5))
+    grid = de.heads_grid()
+    page = de._repr_html_()
+    assert page.startswith("<style>") and "</table>" in page
+    assert len(re.findall(r"<td data-v=", page)) == grid.values.numel()
+    assert grid._repr_html_() == page
+    assert "http" not in page  # nothing fetched
