@@ -41,3 +41,16 @@ def test_html_views_have_one_cell_per_value():
     assert len(re.findall(r"<td data-v=", page)) == grid.values.numel()
     assert grid._repr_html_() == page
     assert "http" not in page  # nothing fetched
+
+
+def test_scores_hold_no_autograd_graph():
+    """The write norms multiply by weights that require grad (an unfrozen model); the scores must
+    not keep the graph alive."""
+    from tdb_lens.sae import SAE, SAEConfig
+
+    model = _model()
+    model.add_sae(SAE(SAEConfig(d_in=64, d_sae=32, architecture="standard", hook_name="blocks.1.hook_resid_post")))
+    ag = A.act_times_grad(model, TOKENS, A.LogitDiff(3, 5))
+    tensors = [t for sc in (ag.effect, ag.write_norm)
+               for t in [sc.head, sc.neuron, sc.attn, sc.mlp, *sc.sae.values(), *sc.sae_error.values()] if t is not None]
+    assert tensors and not any(t.requires_grad for t in tensors)

@@ -152,14 +152,11 @@ def score_nodes(model: Any, acts: dict, grads: dict, kinds: Sequence[str] = ALL_
     has = lambda n: n in acts
     eff, wn = NodeScores(title="act x grad"), NodeScores(title="write norm")
     ks = set(kinds)
-    _vector_families(model, ks, a, gr, has, eff, wn)
-    if "head" in ks:
-        _head_families(model, a, gr, include_pairs, eff, wn)
-    _unit_families(model, ks, a, gr, has, eff, wn)
-    for sc in (eff, wn):
-        for f in ("neuron", "head", "attn", "mlp", "resid", "embed", "pos_embed", "pair"):
-            if getattr(sc, f) is not None:
-                setattr(sc, f, getattr(sc, f).detach())
+    with torch.no_grad():  # scores, not graphs: the weights in the write norms may require grad
+        _vector_families(model, ks, a, gr, has, eff, wn)
+        if "head" in ks:
+            _head_families(model, a, gr, include_pairs, eff, wn)
+        _unit_families(model, ks, a, gr, has, eff, wn)
     return eff, wn
 
 
