@@ -7,9 +7,19 @@ import os
 # their own interpreters.
 os.environ.setdefault("TDB_LENS_KEEP_FREED_MEMORY", "0")
 
+# Every annotated function of these packages is checked at run time: jaxtyping's import hook wraps
+# each one so beartype checks its arguments and return value, shapes included (``Float[Tensor,
+# "batch pos d_model"]`` binds its dimension names across the call). Installed before anything
+# imports tdb_lens. (The hook engine and the models validate their inputs themselves, with the
+# messages their tests pin; they are not wrapped.)
+from jaxtyping import install_import_hook
+
+TYPECHECKED = ["tdb_lens.attribution", "tdb_lens.sae", "tdb_lens.explain", "tdb_lens.corpus", "tdb_lens.provenance"]
+install_import_hook(TYPECHECKED, "_typecheck.typecheck")
+
 # Every activation of every test run is checked against the layout its hook point declares
 # (shape against the named axes, floating dtype): a model whose code disagrees with its own
 # declared layouts fails at the hook, named.
-from tdb_lens.hooks.hook_point import set_layout_checks
+from tdb_lens.hooks.hook_point import set_layout_checks  # noqa: E402
 
 set_layout_checks(True)

@@ -125,7 +125,9 @@ def test_cluster_recovers_groups():
     assert len(cluster(pts, threshold=1.01)) == 12  # nothing is similar enough: singletons
     assert cluster(pts, threshold=-1.0) == [list(range(12))]  # everything merges
     assert cluster(torch.zeros(0, 3)) == []
-    with pytest.raises(ValueError, match=r"\[n, d\]"):
+    # the library's own check names the shape; under the suite's run-time type checker
+    # (conftest.py) jaxtyping's check fires first and names it too
+    with pytest.raises((ValueError, TypeError), match=r"\[n, d\]|'n d'"):
         cluster(torch.zeros(3))
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from tdb_lens import HookedGPT2
 from tdb_lens.cli import main as tdb_main

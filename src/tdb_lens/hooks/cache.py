@@ -15,7 +15,7 @@ mean "the input of the unembedding" (all layers). The model is reached only thro
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any, Optional, Protocol, Union
+from typing import Any, Optional, Protocol, Union, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
@@ -26,6 +26,7 @@ PosSlice = Union[int, slice, tuple, Sequence[int], torch.Tensor, None]
 TokenArg = Union[int, str, Int[torch.Tensor, "..."]]
 
 
+@runtime_checkable
 class NormLike(Protocol):
     """A norm that can normalise a stack of residual components with a given (cached) scale."""
 
@@ -34,14 +35,17 @@ class NormLike(Protocol):
         ...
 
 
+@runtime_checkable
 class _Attn(Protocol):
     W_O: torch.Tensor
 
 
+@runtime_checkable
 class _MLP(Protocol):
     W_out: torch.Tensor
 
 
+@runtime_checkable
 class BlockLike(Protocol):
     """A block: its two norms, ``attn.W_O`` and ``mlp.W_out``."""
 
@@ -51,6 +55,7 @@ class BlockLike(Protocol):
     mlp: _MLP
 
 
+@runtime_checkable
 class HookedModel(Protocol):
     """What the cache asks of a model: its config, per-layer weights and norms, hook names, the
     final norm and the unembedding directions. Both families (and any `HookedTransformer`) fit."""
