@@ -165,6 +165,10 @@ def main(argv=None) -> int:
             sc["sae_cpu_s_1_over_max_rank_2"] = runs["1"]["sae"]["cpu_s_per_rank"][0] / max(runs["2"]["sae"]["cpu_s_per_rank"])
         out["scaling"] = sc
         print(json.dumps(sc, indent=1))
+    m = out["machine"]
+    out["provenance"] = {"date": out["date"], "command": out["command"],
+                         "machine": f"{m['cpus']} CPU cores, {m['platform']}, torch {m['torch']}; "
+                                    f"load average before {load_before[0]:.1f}"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
