@@ -132,28 +132,29 @@ def _per_query_head(model: Any, t: torch.Tensor, head_axis: int) -> torch.Tensor
     return t.repeat_interleave(rep, dim=head_axis)
 
 
+def _every_head_site(model: Any, corrupted_tokens: Int[torch.Tensor, "batch pos"], clean_cache: Any,
+                     metric: Metric, by_pos: bool) -> torch.Tensor:
+    """The five per-head patches (output, q, k, v, pattern) stacked, as TransformerLens' ``*_every``."""
+    args = (model, corrupted_tokens, clean_cache, metric)
+    mode = "by_pos" if by_pos else "all_pos"
+    g = globals()
+    out, q, k, v, pattern = (g[f"get_act_patch_attn_head_{site}_{mode}"](*args)
+                             for site in ("out", "q", "k", "v", "pattern"))
+    head_axis = 2 if by_pos else 1
+    return torch.stack([out, q, _per_query_head(model, k, head_axis), _per_query_head(model, v, head_axis),
+                        pattern.transpose(1, 2) if by_pos else pattern])
+
+
 def get_act_patch_attn_head_all_pos_every(model: Any, corrupted_tokens: Int[torch.Tensor, "batch pos"], clean_cache: Any,
                                           metric: Metric) -> Float[torch.Tensor, "5 layer head"]:
     """Output, query, key, value and pattern of every head, all positions: ``[5, n_layers, n_heads]``."""
-    args = (model, corrupted_tokens, clean_cache, metric)
-    return torch.stack([
-        get_act_patch_attn_head_out_all_pos(*args), get_act_patch_attn_head_q_all_pos(*args),
-        _per_query_head(model, get_act_patch_attn_head_k_all_pos(*args), 1),
-        _per_query_head(model, get_act_patch_attn_head_v_all_pos(*args), 1),
-        get_act_patch_attn_head_pattern_all_pos(*args),
-    ])
+    return _every_head_site(model, corrupted_tokens, clean_cache, metric, by_pos=False)
 
 
 def get_act_patch_attn_head_by_pos_every(model: Any, corrupted_tokens: Int[torch.Tensor, "batch pos"], clean_cache: Any,
                                          metric: Metric) -> Float[torch.Tensor, "5 layer pos head"]:
     """Output, query, key, value and pattern of every head at every position: ``[5, n_layers, pos, n_heads]``."""
-    args = (model, corrupted_tokens, clean_cache, metric)
-    return torch.stack([
-        get_act_patch_attn_head_out_by_pos(*args), get_act_patch_attn_head_q_by_pos(*args),
-        _per_query_head(model, get_act_patch_attn_head_k_by_pos(*args), 2),
-        _per_query_head(model, get_act_patch_attn_head_v_by_pos(*args), 2),
-        get_act_patch_attn_head_pattern_by_pos(*args).transpose(1, 2),
-    ])
+    return _every_head_site(model, corrupted_tokens, clean_cache, metric, by_pos=True)
 
 
 def get_act_patch_block_every(model: Any, corrupted_tokens: Int[torch.Tensor, "batch pos"], clean_cache: Any,
