@@ -188,3 +188,11 @@ def test_nan_reaches_exactly_the_positions_that_can_see_it(model, site, pos, hoo
     out = model.run_with_hooks(TOKENS, fwd_hooks=hooks)
     assert torch.isnan(out[:, pos:]).all()
     torch.testing.assert_close(out[:, :pos], clean[:, :pos], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [5, [1, 2], b"hook_embed"])
+def test_names_filter_of_the_wrong_type_is_named(bad):
+    model = _gpt2()
+    with pytest.raises(TypeError, match="names_filter must be a hook name"):
+        model.run_with_cache(TOKENS, names_filter=bad)
+    assert model.n_hooks() == 0

@@ -54,3 +54,25 @@ def test_scores_hold_no_autograd_graph():
     tensors = [t for sc in (ag.effect, ag.write_norm)
                for t in [sc.head, sc.neuron, sc.attn, sc.mlp, *sc.sae.values(), *sc.sae_error.values()] if t is not None]
     assert tensors and not any(t.requires_grad for t in tensors)
+
+
+def test_a_non_finite_metric_is_named_not_propagated():
+    """A NaN put into the residual of one prompt (issue 13): attribution and patching used to return
+    all-NaN results without a word; now they name the prompt."""
+    import pytest
+
+    model = _model()
+
+    def nan_row(x, hook):
+        x = x.clone()
+        x[1, 2] = float("nan")
+        return x
+
+    metric = A.LogitDiff(3, 5)
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_mid", nan_row)]):
+        with pytest.raises(A.NonFiniteMetricError, match=r"prompt\(s\) \[1\]"):
+            A.act_times_grad(model, TOKENS, metric)
+        with pytest.raises(A.NonFiniteMetricError, match="clean run"):
+            A.activation_patch(model, TOKENS, TOKENS.flip(0), metric, nodes=["L1.H0@-1"])
+    assert model.n_hooks() == 0
+    A.act_times_grad(model, TOKENS, metric)  # and a clean run is fine

@@ -21,6 +21,7 @@ from .attribution_patching import attribution_patch
 from .circuits import CircuitResult, EdgeScores, edge_attribution_patching, evaluate_circuit
 from .direct_effects import DirectEffects, direct_effects, logit_lens
 from .gradients import GradRun, run_with_grads
+from .inputs import NonFiniteMetricError
 from .metrics import CallableMetric, Logit, LogitDiff, LogProb, Metric, Prob
 from .nodes import Node, NodeLike, as_node, as_nodes
 from .patching import patch_attn_out, patch_heads, patch_mlp_out, patch_neurons, patch_node_list, patch_nodes, patch_resid
@@ -41,5 +42,5 @@ __all__ = [
     "zero_ablation_hooks", "mean_ablation_hooks", "resample_ablation_hooks", "compute_means", "ablate",
     "Steering", "steer_nodes", "steer_direction", "steering_hooks",
     "EdgeScores", "edge_attribution_patching", "CircuitResult", "evaluate_circuit",
-    "GradRun", "run_with_grads",
+    "GradRun", "run_with_grads", "NonFiniteMetricError",
 ]

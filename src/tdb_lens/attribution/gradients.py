@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float
 
 from ..hooks import HookPoint
-from .inputs import Mask, Tokens
+from .inputs import Mask, Tokens, check_finite
 from .metrics import MetricLike, as_metric
 
 Objective = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
@@ -105,6 +105,7 @@ def run_with_grads(
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
         out = model(tokens, attention_mask=attention_mask, stop_at_layer=stop_at_layer)
         values = objective(out, acts)
+        check_finite(values, "the objective (metric) to differentiate")
         wanted = list(grad_names if grad_names is not None else names)
         missing = [n for n in wanted if n not in acts]
         if missing:

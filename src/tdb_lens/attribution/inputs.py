@@ -37,6 +37,21 @@ def str_tokens(model: Any, tokens: Int[torch.Tensor, " pos"]) -> Optional[list[s
         return None
 
 
+class NonFiniteMetricError(ValueError):
+    """The metric an analysis differentiates or normalises by came out NaN or infinite."""
+
+
+def check_finite(values: torch.Tensor, what: str) -> None:
+    """Raise `NonFiniteMetricError` naming the prompts whose ``values`` are NaN or infinite: every
+    number an analysis derived from them would be too (a NaN weight, input or hook upstream)."""
+    bad = ~torch.isfinite(values.detach().reshape(values.shape[0], -1) if values.ndim else values.detach()[None])
+    if bool(bad.any()):
+        rows = bad.reshape(bad.shape[0], -1).any(-1).nonzero().flatten().tolist()
+        raise NonFiniteMetricError(f"{what} is not finite for prompt(s) {rows[:10]} (values "
+                                   f"{values.detach().reshape(-1)[:4].tolist()}); look for NaN/Inf upstream "
+                                   "(a hook, an input or the model's weights)")
+
+
 @dataclass
 class PatchRuns:
     """The clean and corrupted inputs of a patching experiment and their metric baselines."""
@@ -69,7 +84,10 @@ class PatchRuns:
     def set_baselines(self, clean_logits: Float[torch.Tensor, "batch pos vocab"],
                       corrupted_metric: Float[torch.Tensor, "*b"]) -> None:
         """Record the batch-mean metric of the clean logits and of the corrupted run."""
-        self.clean_value = float(self.metric(clean_logits).float().mean())
+        clean_metric = self.metric(clean_logits)
+        check_finite(clean_metric, "the metric on the clean run")
+        check_finite(corrupted_metric, "the metric on the corrupted run")
+        self.clean_value = float(clean_metric.float().mean())
         self.corrupted_value = float(corrupted_metric.float().mean())
 
 

@@ -141,6 +141,9 @@ class HookedRootModule(nn.Module):
             return [hp.name for hp in self.resolve_hook_points(names_filter)]  # type: ignore[misc]
         if callable(names_filter):
             return [n for n in self.hook_dict if names_filter(n)]
+        if not isinstance(names_filter, (list, tuple, set, frozenset)) or not all(isinstance(n, str) for n in names_filter):
+            raise TypeError("names_filter must be a hook name, a list of hook names or a predicate on names, "
+                            f"got {type(names_filter).__name__} {names_filter!r}")
         out = []
         for n in names_filter:
             if n not in self.hook_dict:
