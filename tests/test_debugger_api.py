@@ -289,7 +289,7 @@ def test_search_returns_the_store_search(setup, client):
     r = client.post("/api/search", json={"query": "cities", "k": 2})
     assert r.status_code == 200
     hits = r.json()["hits"]
-    ref = search(inv.store, "cities", k=2, embedder=WordEmbedder())
+    ref = search(inv.store.current(), "cities", k=2, embedder=WordEmbedder())  # the app made it per-thread
     assert [h["label"] for h in hits] == [h.label for h in ref]
     assert hits[0]["label"] == "L0.N2"
     assert client.post("/api/search", json={"query": ""}).status_code == 422

@@ -76,6 +76,10 @@ class ThreadLocalStore:
         self.path = path
         self._local = threading.local()
 
+    def current(self):
+        """This thread's `ExplanationStore` (functions typed for a store take this one)."""
+        return self._store()
+
     def _store(self):
         s = getattr(self._local, "store", None)
         if s is None:

@@ -224,6 +224,7 @@ def search_units(inv, query: str, k: int = 10) -> SearchResults:
         raise DebuggerError("no explanation store: start with --db STORE (or Investigation(store=...))")
     if not isinstance(query, str) or not query.strip():
         raise DebuggerError("search needs a non-empty query")
-    hits = search(inv.store, query, k=k, embedder=inv.embedder)
+    store = getattr(inv.store, "current", lambda: inv.store)()  # the app's per-thread store: this thread's
+    hits = search(store, query, k=k, embedder=inv.embedder)
     return SearchResults(query, [{"similarity": h.similarity, "label": h.label, "text": h.text,
                                   "explainer": h.row.explainer, "scores": h.row.scores} for h in hits])
