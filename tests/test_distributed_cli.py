@@ -13,43 +13,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from _dist_launch import HERE, explain
+from _tiny_files import save_gpt2, save_tiny_gpt2, write_corpus
 from tdb_lens.explain.cli import main as explain_main
 from tdb_lens.explain.harvest import load_harvest
 from tdb_lens.explain.store import ExplanationStore
-from tdb_lens.models.gpt2 import GPT2Config, HookedGPT2
-
-WORDS = ("the cat sat on a mat while dogs ran past quickly and birds sang songs about rain sun wind "
-         "trees rivers mountains people walked talked laughed").split()
-
-
-def hf_name(k: str) -> str:
-    """A HookedGPT2 parameter's name in a Hugging Face GPT-2 checkpoint."""
-    k = k.replace(".ln1.", ".ln_1.").replace(".ln2.", ".ln_2.")
-    k = "h." + k[len("blocks."):] if k.startswith("blocks.") else k
-    return "ln_f." + k[len("ln_final."):] if k.startswith("ln_final.") else k
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A tiny random GPT-2 saved as a Hugging Face folder (what `tdb_lens.load` reads)."""
-    d = tmp_path_factory.mktemp("gpt2tiny")
-    cfg = GPT2Config(n_layers=2, n_heads=2, d_model=16, d_mlp=32, n_ctx=64)
-    m = HookedGPT2.from_config(cfg, seed=0)
-    save_file({hf_name(k): v.contiguous() for k, v in m.state_dict().items()}, str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps(cfg.to_hf()))
-    return d
+    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2tiny"))
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    g = torch.Generator().manual_seed(0)
-    paras = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (40,), generator=g).tolist()) for _ in range(60)]
-    p = tmp_path_factory.mktemp("corpus") / "text.txt"
-    p.write_text("\n\n".join(paras))
-    return p
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(autouse=True)
@@ -143,10 +122,7 @@ def test_ioi_under_torchrun_equals_the_one_process_command(tmp_path):
 
     # 2 layers x 4 heads with attention 10x its initial scale (tests/_dist_patch.py), saved as a folder
     model = setup()[0]
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    save_file({hf_name(k): v.contiguous() for k, v in model.state_dict().items()}, str(model_dir / "model.safetensors"))
-    (model_dir / "config.json").write_text(json.dumps(model.cfg.to_hf()))
+    model_dir = save_gpt2(model, tmp_path / "model")
     args = ["--model", str(model_dir), "--prompts", "12", "--max-heads", "5", "--quiet"]
     assert ioi_main(args + ["--out", str(tmp_path / "one")]) == 0
     proc = tdb_lens_torchrun("ioi", *args, "--out", str(tmp_path / "two"))

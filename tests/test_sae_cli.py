@@ -7,38 +7,19 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from tdb_lens.models.gpt2 import GPT2Config, HookedGPT2
+from _tiny_files import save_tiny_gpt2, write_corpus
 from tdb_lens.sae.cli import main
-
-WORDS = ("the cat sat on a mat while dogs ran past quickly and birds sang songs about rain sun wind "
-         "trees rivers mountains people walked talked laughed").split()
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gpt2tiny")
-    cfg = GPT2Config(n_layers=2, n_heads=2, d_model=16, d_mlp=32, n_ctx=64)
-    m = HookedGPT2.from_config(cfg, seed=0)
-
-    def hf_name(k: str) -> str:
-        k = k.replace(".ln1.", ".ln_1.").replace(".ln2.", ".ln_2.")
-        k = "h." + k[len("blocks."):] if k.startswith("blocks.") else k
-        return "ln_f." + k[len("ln_final."):] if k.startswith("ln_final.") else k
-
-    save_file({hf_name(k): v.contiguous() for k, v in m.state_dict().items()}, str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps(cfg.to_hf()))
-    return d
+    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2tiny"))
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    g = torch.Generator().manual_seed(0)
-    paras = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (40,), generator=g).tolist()) for _ in range(60)]
-    p = tmp_path_factory.mktemp("corpus") / "text.txt"
-    p.write_text("\n\n".join(paras))
-    return p
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(autouse=True)
