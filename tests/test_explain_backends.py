@@ -7,15 +7,16 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
+from _local_server import LocalServer
 from tdb_lens.explain.backends import BackendError, OpenAIChatBackend, backend_from_spec
 from tdb_lens.explain.simulator import JSONSimulator, parse_json_activations
 
 
-class FakeServer:
+class FakeServer(LocalServer):
     """Answers POST /v1/chat/completions. ``script`` is a list of actions consumed per request
     (``"ok"``, ``"503"``, ``"429"``, ``"400"``, ``"slow"``, ``"garbage"``); when empty it answers ok.
     ``reply(body) -> str`` makes the assistant's text."""
@@ -82,18 +83,7 @@ class FakeServer:
                 except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
                     pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 MSGS = [{"role": "user", "content": "hello"}]

@@ -8,10 +8,11 @@ import json
 import logging
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
+from _local_server import LocalServer
 from tdb_lens.explain.backends import BackendError, OpenAIChatBackend, backend_from_spec
 from tdb_lens.explain.endpoint import redact_userinfo, split_credentials
 
@@ -19,7 +20,7 @@ MSGS = [{"role": "user", "content": "hello"}]
 OK = json.dumps({"choices": [{"message": {"role": "assistant", "content": "fine"}}]}).encode()
 
 
-class Server:
+class Server(LocalServer):
     """A ThreadingHTTPServer whose handler is ``handle(request_handler)``; records each request's headers."""
 
     def __init__(self, handle) -> None:
@@ -35,18 +36,7 @@ class Server:
                 outer.headers.append(dict(self.headers))
                 handle(self)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(H)
 
 
 def send(h, code, body: bytes, headers=None):
