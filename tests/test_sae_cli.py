@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from _tiny_files import save_tiny_gpt2, write_corpus
 from tdb_lens.sae.cli import main
@@ -22,12 +21,8 @@ def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny matmuls: one thread avoids oversubscribing a shared machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_train_then_eval(model_dir, corpus, tmp_path, capsys):

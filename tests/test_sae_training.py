@@ -15,14 +15,8 @@ from tdb_lens.sae.activation_store import ActivationStore, stop_layer_for
 from tdb_lens.sae.synthetic import PlantedFeatures, recovered_fraction
 from tdb_lens.sae.training import SAETrainer, train_sae
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread avoids oversubscribing a shared machine (10x faster under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny matmuls: one thread avoids oversubscribing a shared machine (10x faster under load)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted(seed=0):
