@@ -5,14 +5,13 @@
 default (``fold_ln``, ``center_writing_weights``, ``center_unembed``, ``fold_value_biases``), so
 numbers read off a ported notebook match TransformerLens'. The family classes' own
 ``HookedGPT2.from_pretrained`` / ``tdb_lens.load`` keep tdb_lens' default (no processing: logits
-equal Hugging Face's). Weight processing exists for GPT-2 only: a Llama-family model loads
-unprocessed, with a warning when processing was asked for (TransformerLens' default asks).
+equal Hugging Face's). Llama-family models are processed as TransformerLens processes RMSNorm
+models (``center_writing_weights`` skipped; see `tdb_lens.models.llama_processing`).
 See docs/PORTING.md for every difference.
 """
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -21,6 +20,7 @@ import torch
 from .models.engine import HookedTransformer
 from .models.gpt2 import GPT2_NAMES, GPT2Config, HookedGPT2
 from .models.llama import HookedLlama, LlamaConfig
+from .models.processing import process_weights_
 
 #: TransformerLens' default weight processing in ``from_pretrained``
 TL_PROCESSING = {"fold_ln": True, "center_writing_weights": True, "center_unembed": True, "fold_value_biases": True}
@@ -83,7 +83,8 @@ def from_pretrained(
     ``tokenizer`` may be a ``transformers`` fast tokenizer. Unknown TransformerLens options raise.
     """
     if refactor_factored_attn_matrices:
-        raise NotImplementedError("refactor_factored_attn_matrices is not implemented; pass False")
+        raise NotImplementedError("refactor_factored_attn_matrices is not implemented; pass False (TransformerLens "
+                                  "refuses it for rotary models such as the Llama family)")
     unknown = sorted(set(kwargs) - _NO_OP_KWARGS)
     if unknown:
         raise TypeError(f"from_pretrained got options tdb_lens does not implement: {unknown}")
@@ -96,16 +97,12 @@ def from_pretrained(
         if hf_model is not None:
             return HookedGPT2.from_hf_model(hf_model, tokenizer=tok, **flags).to(dev)
         return HookedGPT2.from_pretrained(model_name, dtype=dtype, device=dev, tokenizer=tok, **flags)
-    if any(flags.values()):
-        warnings.warn(f"{model_name}: weight processing ({', '.join(k for k, v in flags.items() if v)}) is implemented "
-                      "for GPT-2 only; this Llama-family model is loaded unprocessed (use "
-                      "from_pretrained_no_processing to silence this)", stacklevel=2)
     if hf_model is not None:
-        return HookedLlama.from_hf_model(hf_model, tokenizer=tok).to(dev)
+        return process_weights_(HookedLlama.from_hf_model(hf_model, tokenizer=tok), **flags).to(dev)
     from .loading import load
 
     model = load(model_name) if tok is None else HookedLlama.from_pretrained(model_name, dtype, dev, tok)
-    return model.to(device=dev, dtype=dtype)
+    return process_weights_(model, **flags).to(device=dev, dtype=dtype)
 
 
 def from_pretrained_no_processing(model_name: str, **kwargs: Any) -> HookedTransformer:

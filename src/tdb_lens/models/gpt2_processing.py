@@ -50,11 +50,15 @@ import torch
 from torch import nn
 
 from .components import LayerNorm
+from .gpt2 import HookedGPT2
+from .processing import PROCESSING_FLAGS, process_weights_, register_processor
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .gpt2 import GPT2MLP, GPT2Attention, HookedGPT2
+    from .gpt2 import GPT2MLP, GPT2Attention
 
-PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+# `process_weights_` (re-exported here, its former home) is the family-neutral entry point; GPT-2's
+# own processor is `process_gpt2_weights_`
+__all__ = ["PROCESSING_FLAGS", "process_gpt2_weights_", "process_weights_"]
 
 
 def _untie_unembed(model: HookedGPT2) -> None:
@@ -107,7 +111,7 @@ def _center_rows(t: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def process_weights_(
+def process_gpt2_weights_(
     model: HookedGPT2,
     fold_ln: bool = False,
     center_writing_weights: bool = False,
@@ -118,13 +122,10 @@ def process_weights_(
 
     See the module docstring for which hooks each option changes. The model is edited through its
     parameters (Hugging Face layout), so ``W_Q``, ``b_O``... views show the processed weights.
+    Reach it through `tdb_lens.models.processing.process_weights_`.
     """
-    from .gpt2 import HookedGPT2
-
     if not isinstance(model, HookedGPT2):
-        raise TypeError(
-            f"process_weights_ supports HookedGPT2 (LayerNorm, tied GPT-2 weights); got {type(model).__name__}"
-        )
+        raise TypeError(f"process_gpt2_weights_ takes a HookedGPT2 (LayerNorm, tied GPT-2 weights); got {type(model).__name__}")
     if any(p.is_meta for p in model.parameters()):
         raise ValueError("process_weights_ needs materialised weights; this model is still on the meta device")
     done = getattr(model, "weight_processing", None) or {k: False for k in PROCESSING_FLAGS}
@@ -171,3 +172,6 @@ def process_weights_(
 
     model.weight_processing = done
     return model
+
+
+register_processor(HookedGPT2, process_gpt2_weights_)

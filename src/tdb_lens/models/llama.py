@@ -228,7 +228,8 @@ class LlamaAttention(Attention):
     b_K = property(lambda self: self._b(self.k_proj, self.n_kv_heads))
     b_V = property(lambda self: self._b(self.v_proj, self.n_kv_heads))
     W_O = property(lambda self: self.o_proj.weight.view(self.d_model, self.n_heads, self.d_head).permute(1, 2, 0))
-    b_O = property(lambda self: torch.zeros(self.d_model, device=self.o_proj.weight.device, dtype=self.o_proj.weight.dtype))
+    b_O = property(lambda self: torch.zeros(self.d_model, device=self.o_proj.weight.device, dtype=self.o_proj.weight.dtype)
+                   if self.o_proj.bias is None else self.o_proj.bias)  # a bias only after fold_value_biases
 
 
 class LlamaMLP(MLP):
@@ -256,6 +257,8 @@ class LlamaMLP(MLP):
 
 class HookedLlama(HookedTransformer):
     """A Llama-family model with TransformerLens hook names; logits equal ``transformers``'."""
+
+    weight_processing: Optional[dict] = None  # the `llama_processing` flags applied, once any is
 
     def __init__(self, cfg: LlamaConfig, tokenizer: Optional[Tokenizer] = None) -> None:
         super().__init__(cfg, tokenizer)
