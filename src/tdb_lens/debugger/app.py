@@ -30,6 +30,7 @@ class InterventionIn(BaseModel):
     node: str = Field(max_length=200)
     method: str = Field("zero", max_length=16)
     value: Optional[float] = None
+    quantile: Optional[float] = None
 
 
 class TraceIn(BaseModel):
@@ -170,7 +171,8 @@ def create_app(inv: Investigation, token: Optional[str] = None):
             hooks = sorted(_harvests(inv))
         return {"model": getattr(cfg, "model_name", type(inv.model).__name__), "n_layers": cfg.n_layers,
                 "n_heads": cfg.n_heads, "store": inv.store is not None, "harvests": hooks,
-                "max_tokens": inv.max_tokens, "saes": list(_sae_sites(inv))}
+                "max_tokens": inv.max_tokens, "saes": list(_sae_sites(inv)),
+                "explainer": getattr(inv.explainer, "name", "top-tokens"), "scores": list(inv.scores)}
 
     @app.post("/api/table")
     def table(req: TableIn) -> dict:
@@ -199,9 +201,7 @@ def create_app(inv: Investigation, token: Optional[str] = None):
 
     @app.post("/api/explain")
     def explain(req: NodeIn) -> dict:
-        from .units import explain_unit
-
-        return run(req, lambda: explain_unit(inv, inv.check_node(req.node)))
+        return run(req, lambda: inv.explain(req.node).as_dict())
 
     @app.post("/api/generate")
     def generate(req: GenerateIn) -> dict:

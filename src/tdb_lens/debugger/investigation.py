@@ -42,14 +42,16 @@ STEER_MODES = ("clamp", "add", "scale")
 
 @dataclass
 class Intervention:
-    """An ablation (``method`` zero / mean / resample) or a steering (``method`` clamp / add / scale, ``value``)."""
+    """An ablation (``method`` zero / mean / resample) or a steering (``method`` clamp / add / scale, ``value``;
+    ``quantile``: the harvest quantile the value was read from, when it was)."""
 
     node: Node
     method: str = "zero"
     value: Optional[float] = None
+    quantile: Optional[float] = None
 
     def as_dict(self) -> dict:
-        return {"node": str(self.node), "method": self.method, "value": self.value}
+        return {"node": str(self.node), "method": self.method, "value": self.value, "quantile": self.quantile}
 
 
 @dataclass
@@ -89,7 +91,10 @@ class Investigation:
     """TDB's state: ``prompt`` (and optionally ``other_prompt``), ``target`` / ``distractor`` tokens,
     interventions and an optional trace. ``saes``: SAEs to attach (``[(hook, sae)]`` or SAEs with
     their own hook); ``store``: an `ExplanationStore` or its path; ``harvest_dirs``: harvest
-    directories (or folders of them) for unit pages."""
+    directories (or folders of them) for unit pages. ``explainer`` (default: the top-token baseline),
+    ``simulator`` (default: the explain pipeline's likelihood simulator on ``model``), ``judge`` (a chat
+    backend, for detection / fuzzing) and ``scores`` (`tdb_lens.explain.pipeline.SCORE_METHODS`) are what
+    `explain` uses (`tdb_lens.debugger.explaining`)."""
 
     model: Any
     prompt: str = ""
@@ -107,8 +112,15 @@ class Investigation:
     interventions: list[Intervention] = field(default_factory=list)
     tracing: Optional[TraceSpec] = None
     max_tokens: int = MAX_TOKENS
+    explainer: Any = None
+    simulator: Any = None
+    judge: Any = None
+    scores: Sequence[str] = ("correlation",)
 
     def __post_init__(self) -> None:
+        from .explaining import check_scores
+
+        self.scores = check_scores(self.scores)
         for item in self.saes:
             hook, sae = item if isinstance(item, tuple) else (None, item)
             if sae not in attached_saes(self.model).values():
@@ -187,14 +199,22 @@ class Investigation:
         self.interventions = [i for i in self.interventions if i.node != n] + [Intervention(n, method)]
         return self
 
-    def steer(self, node: NodeLike, value: Optional[float] = None, mode: str = "clamp") -> Investigation:
-        """Clamp / add to / scale ``node``; ``value`` None clamps to the unit's harvested maximum."""
+    def steer(self, node: NodeLike, value: Optional[float] = None, mode: str = "clamp",
+              quantile: Optional[float] = None) -> Investigation:
+        """Clamp / add to / scale ``node`` by ``value``; or, as Monitor does, by the ``quantile`` (in (0, 1),
+        e.g. 0.999) of the unit's own harvested activations (`harvested_quantile`); neither: by the
+        unit's harvested maximum."""
         if mode not in STEER_MODES:
             raise DebuggerError(f"steering mode must be one of {STEER_MODES}, got {mode!r}")
+        if value is not None and quantile is not None:
+            raise DebuggerError("give a steering value or a quantile, not both")
         n = self.check_node(node)
-        if value is None:
+        if quantile is not None:
+            value = self.harvested_quantile(n, quantile)
+        elif value is None:
             value = self.harvested_max(n)
-        self.interventions = [i for i in self.interventions if i.node != n] + [Intervention(n, mode, float(value))]
+        self.interventions = [i for i in self.interventions if i.node != n] + [
+            Intervention(n, mode, float(value), None if quantile is None else float(quantile))]
         return self
 
     def unablate(self, node: Optional[NodeLike] = None) -> Investigation:
@@ -340,8 +360,9 @@ class Investigation:
             method = item.get("method", "zero")
             if method in METHODS:
                 self.ablate(item["node"], method)
-            elif method in STEER_MODES:
-                self.steer(item["node"], item.get("value"), method)
+            elif method in STEER_MODES:  # a quantile is re-read from the harvest (the value follows from it)
+                q = item.get("quantile")
+                self.steer(item["node"], item.get("value") if q is None else None, method, q)
             else:
                 raise DebuggerError(f"unknown intervention method {method!r}; expected {METHODS + STEER_MODES}")
         tr = state.get("trace")
@@ -358,11 +379,23 @@ class Investigation:
             raise DebuggerError(f"no harvest for {node.unit}: give a steering value")
         return float(h.stats["max"][h.index_of(node.index)])
 
+    def harvested_quantile(self, node: Node, quantile: float) -> float:
+        """The ``quantile`` of the unit's activations in its harvest (`units.activation_quantile`)."""
+        from .units import activation_quantile
+
+        return activation_quantile(self, node, quantile)
+
     def unit(self, node: NodeLike):
         """The unit page of ``node``: harvested examples, explanations, logit lens, activations here."""
         from .units import unit_page
 
         return unit_page(self, self.check_node(node))
+
+    def explain(self, node: NodeLike):
+        """Explain the harvested unit of ``node``, score the explanation and store both (needs a store)."""
+        from .explaining import explain_unit
+
+        return explain_unit(self, self.check_node(node))
 
     def search(self, query: str, k: int = 10):
         """Explanations closest in meaning to ``query`` (needs a store)."""

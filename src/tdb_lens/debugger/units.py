@@ -8,6 +8,7 @@ through the final norm's weight and the unembedding) and its activations on the 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -179,20 +180,25 @@ def unit_page(inv, node: Node, n_examples: int = 10) -> UnitPage:
     return page
 
 
-def explain_unit(inv, node: Node, explainer=None) -> dict:
-    """Explain a harvested unit (default: the top-token baseline, offline) and store the explanation."""
-    from ..explain import TopTokensExplainer
-
-    if inv.store is None:
-        raise DebuggerError("no explanation store: start with --db STORE (or Investigation(store=...))")
+def activation_quantile(inv, node: Node, quantile: float) -> float:
+    """The ``quantile`` of the unit's activation over every token of its harvest's random windows (a
+    uniform sample of the corpus' windows, drawn with the harvest's seed: ``n_random`` x ``ctx_len``
+    token activations), by `torch.quantile`'s linear interpolation (Hyndman-Fan type 7). Above
+    ``1 - 1 / n_tokens`` it interpolates between the sample's two largest values."""
+    if isinstance(quantile, bool) or not isinstance(quantile, numbers.Real) or not 0 < float(quantile) < 1:
+        raise DebuggerError(f"quantile must be a number in (0, 1), e.g. 0.999; got {quantile!r}")
+    if node.kind == "head":
+        raise DebuggerError(f"{node.unit}: a head's harvest records the norm of its z, not a value to clamp to; "
+                            "steer a head with a value")
     h = harvest_for(inv, node)
     if h is None:
-        raise DebuggerError(f"{node.unit} was not harvested: give --harvest-dir with a harvest of {unit_hook(node)!r}")
-    rec = h.record(node.index)
-    ex = (explainer or TopTokensExplainer(inv.model.tokenizer)).explain(rec)
-    uid = inv.store.add_unit(rec, model=h.manifest.get("model", "model"), examples=True)
-    eid = inv.store.add_explanation(uid, ex)
-    return {"unit": str(node.unit), "explanation_id": eid, "text": ex.text, "explainer": ex.explainer}
+        raise DebuggerError(f"no harvest for {node.unit}: give a steering value, or --harvest-dir with a harvest of "
+                            f"{unit_hook(node)!r}")
+    acts = h.random_acts[h.index_of(node.index)].reshape(-1).float()
+    acts = acts[~acts.isnan()]
+    if not acts.numel():
+        raise DebuggerError(f"the harvest of {h.hook} holds no random windows to take a quantile of: give a value")
+    return float(torch.quantile(acts, float(quantile)))
 
 
 @dataclass

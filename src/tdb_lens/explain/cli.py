@@ -20,7 +20,7 @@ from typing import Optional
 
 from .pipeline import SCORE_METHODS, SIMULATORS, ExplainConfig, parse_units, run_explain
 
-__all__ = ["build_parser", "config_from_args", "main", "parse_units"]
+__all__ = ["add_explainer_arguments", "build_parser", "config_from_args", "explainer_options", "main", "parse_units"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,16 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--k", type=int, default=20, help="top windows kept per unit")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--explainer", default="local",
-                   help="local (SmolLM2 chat), top-tokens (baseline), an OpenAI-compatible base URL, or openai:MODEL@URL; "
-                        "several, comma-separated, to compare them on the same units")
-    p.add_argument("--n-examples", type=int, default=5, help="top windows shown to an LLM explainer")
-    p.add_argument("--explain-tokens", type=int, default=24, help="most tokens an LLM explainer may write")
-    p.add_argument("--explainer-model", default="gpt-4o-mini", help="model name sent to an OpenAI-compatible endpoint")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the endpoint's key")
-    p.add_argument("--simulator", default="auto", choices=SIMULATORS,
-                   help="auto: likelihood with the local model (json when the explainer is an endpoint and --simulator json)")
-    p.add_argument("--scores", default="correlation", help=f"comma-separated subset of {','.join(SCORE_METHODS)}")
+    add_explainer_arguments(p)
     p.add_argument("--db", default="runs/explanations.db", help="SQLite store (created if missing)")
     p.add_argument("--harvest-dir", help="where harvest shards go (default: next to --db)")
     p.add_argument("--search", help="search the store for explanations close to this text and print them")
@@ -58,15 +49,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_explainer_arguments(p: argparse.ArgumentParser, default_explainer: str = "local", several: bool = True) -> None:
+    """The explainer, simulator and score flags (``--explainer``, ``--n-examples``, ``--explain-tokens``,
+    ``--explainer-model``, ``--api-key-env``, ``--simulator``, ``--scores``), shared by ``tdb-lens explain``
+    and ``tdb-lens debug``; `explainer_options` reads them back."""
+    p.add_argument("--explainer", default=default_explainer,
+                   help="local (SmolLM2 chat), top-tokens (baseline), an OpenAI-compatible base URL, or openai:MODEL@URL"
+                        + ("; several, comma-separated, to compare them on the same units" if several else "")
+                        + f" (default {default_explainer})")
+    p.add_argument("--n-examples", type=int, default=5, help="top windows shown to an LLM explainer")
+    p.add_argument("--explain-tokens", type=int, default=24, help="most tokens an LLM explainer may write")
+    p.add_argument("--explainer-model", default="gpt-4o-mini", help="model name sent to an OpenAI-compatible endpoint")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the endpoint's key")
+    p.add_argument("--simulator", default="auto", choices=SIMULATORS,
+                   help="auto: likelihood with the local model (json when the explainer is an endpoint and --simulator json)")
+    p.add_argument("--scores", default="correlation", help=f"comma-separated subset of {','.join(SCORE_METHODS)}")
+
+
+def explainer_options(args: argparse.Namespace) -> dict:
+    """`ExplainConfig`'s explainer, simulator and score fields from arguments of `add_explainer_arguments`."""
+    return dict(explainers=tuple(x.strip() for x in args.explainer.split(",") if x.strip()), n_examples=args.n_examples,
+                explain_tokens=args.explain_tokens, explainer_model=args.explainer_model, api_key_env=args.api_key_env,
+                simulator=args.simulator, scores=tuple(m.strip() for m in args.scores.split(",") if m.strip()))
+
+
 def config_from_args(args: argparse.Namespace) -> ExplainConfig:
     """The run's `ExplainConfig` from parsed arguments (checked by ``ExplainConfig.check``)."""
     return ExplainConfig(
         hook=args.hook or "", units=args.units, model=args.model, sae=args.sae, corpus=args.corpus,
         n_windows=args.n_windows, ctx_len=args.ctx_len, batch_size=args.batch_size, k=args.k, seed=args.seed,
-        explainers=tuple(x.strip() for x in args.explainer.split(",") if x.strip()), n_examples=args.n_examples,
-        explain_tokens=args.explain_tokens, explainer_model=args.explainer_model, api_key_env=args.api_key_env,
-        simulator=args.simulator, scores=tuple(m.strip() for m in args.scores.split(",") if m.strip()), db=args.db,
-        harvest_dir=args.harvest_dir, progress=not args.no_progress,
+        db=args.db, harvest_dir=args.harvest_dir, progress=not args.no_progress, **explainer_options(args),
     )
 
 

@@ -54,7 +54,8 @@ function renderState() {
     ? `<span class="chip" id="trace-chip">tracing ${esc(state.trace.node)}${state.trace.through ? " through " + esc(state.trace.through) : ""}<button id="untrace">x</button></span>` : "";
   if (state.trace) $("untrace").onclick = () => { state.trace = null; refresh(); };
   $("interventions").innerHTML = state.interventions.map((iv, i) =>
-    `<span class="chip intervention">${esc(iv.method)} ${esc(iv.node)}${iv.value !== null && iv.value !== undefined ? " = " + iv.value : ""}<button data-i="${i}">x</button></span>`).join("");
+    `<span class="chip intervention">${esc(iv.method)} ${esc(iv.node)}${iv.quantile !== null && iv.quantile !== undefined ? " = quantile " + iv.quantile
+      : iv.value !== null && iv.value !== undefined ? " = " + iv.value : ""}<button data-i="${i}">x</button></span>`).join("");
   document.querySelectorAll("#interventions button").forEach((b) => { b.onclick = () => { state.interventions.splice(+b.dataset.i, 1); refresh(); }; });
 }
 
@@ -138,7 +139,13 @@ async function openUnit(node) {
     if (u.top_examples.length) parts.push(`<button id="explain">Explain this unit</button> <span id="explain-out"></span>`);
     $("unit-page").innerHTML = parts.join("");
     if ($("explain")) $("explain").onclick = async () => {
-      try { const r = await api("/api/explain", Object.assign({}, state, {node})); $("explain-out").textContent = r.text; } catch (e) { showError(e); }
+      $("explain-out").textContent = "explaining and scoring...";
+      try {
+        const r = await api("/api/explain", Object.assign({}, state, {node}));
+        await openUnit(node);  // the stored explanation with its scores
+        $("explain-out").textContent = `${r.text} (${r.explainer}; ` + Object.entries(r.scores).map(([k, v]) =>
+          `${k} ${v === null ? "-" : v.toFixed(3)}`).join(", ") + (r.scorer ? `; scored by ${r.scorer})` : ")");
+      } catch (e) { showError(e); $("explain-out").textContent = ""; }
     };
     const m = /^L(\d+)\.H(\d+)/.exec(node);
     $("attention").innerHTML = "";
@@ -181,9 +188,10 @@ $("run").onclick = refresh;
 $("search-run").onclick = doSearch;
 $("generate").onclick = doGenerate;
 $("steer-add").onclick = () => {
-  const node = $("steer-node").value.trim(), v = $("steer-value").value.trim();
+  const node = $("steer-node").value.trim(), v = $("steer-value").value.trim(), q = $("steer-quantile").value.trim();
   if (!node) return;
-  state.interventions = state.interventions.filter((i) => i.node !== node).concat([{node, method: $("steer-mode").value, value: v === "" ? null : parseFloat(v)}]);
+  state.interventions = state.interventions.filter((i) => i.node !== node).concat([{node, method: $("steer-mode").value,
+    value: v === "" ? null : parseFloat(v), quantile: q === "" || v !== "" ? null : parseFloat(q)}]);
   refresh();
 };
 api("/api/info").then((i) => { $("model").textContent = `${i.model}, ${i.n_layers} layers` + (i.store ? ", store" : "") + (i.harvests.length ? `, ${i.harvests.length} harvests` : ""); }).catch(showError);
