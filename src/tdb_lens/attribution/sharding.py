@@ -31,7 +31,7 @@ from ..distributed import init as dist_init
 from .inputs import prepare, setup_runs
 from .metrics import MetricLike
 
-__all__ = ["shard_rows", "sharded_patch", "reduce_means"]
+__all__ = ["shard_rows", "sharded_patch", "reduce_means", "mean_over_rows"]
 
 
 def shard_rows(n: int, dist: Optional[Dist] = None) -> torch.Tensor:
@@ -49,6 +49,30 @@ def reduce_means(local_means: torch.Tensor, n_local: int, n_total: int, dist: Op
     d = dist if dist is not None else dist_init()
     total = d.all_reduce(local_means.detach().to(torch.float64) * n_local)
     return (total / n_total).to(local_means.dtype)
+
+
+def mean_over_rows(fn: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, shape: tuple[int, ...],
+                   dist: Optional[Dist] = None) -> torch.Tensor:
+    """The mean over ``rows`` of a per-row quantity, with ``rows`` split over the ranks.
+
+    ``fn(part)`` returns the quantity's mean over the rows ``part`` (a LongTensor), shaped
+    ``shape``; each rank calls it on its contiguous block of ``rows`` (a rank with no rows adds
+    nothing and does not call it) and `reduce_means` weighs the blocks by their sizes (float64
+    sums), so every rank gets the mean over all of ``rows`` as float32. In a plain process this is
+    ``fn(rows)``."""
+    d = dist if dist is not None else dist_init()
+    rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+    if not d.distributed:
+        return fn(rows)
+    r = d.shard(len(rows))
+    mine = rows[r.start:r.stop]
+    if len(mine):
+        local = fn(mine).detach().to("cpu", torch.float64)
+        if tuple(local.shape) != tuple(shape):
+            raise ValueError(f"fn returned shape {tuple(local.shape)} for {len(mine)} rows, expected {tuple(shape)}")
+    else:
+        local = torch.zeros(shape, dtype=torch.float64)
+    return reduce_means(local, len(mine), len(rows), d).float()
 
 
 def _baselines(model: Any, tokens: tuple, masks: tuple, metric: MetricLike) -> torch.Tensor:

@@ -31,9 +31,12 @@ from jaxtyping import Float
 from ..attribution import GradRun, LogitDiff, Node, compute_means, path_patch, run_with_grads
 from ..attribution import direct_effects as _direct_effects
 from ..attribution.circuits import circuit_hooks
+from ..attribution.sharding import mean_over_rows
+from ..distributed import Dist
 from ..hooks import HookPoint
 from ..models.engine import HookedTransformer
 from .data import IOIBatch, IOIDataset, per_template_groups
+from .detectors import head_detector_scores
 
 Head = tuple[int, int]
 HeadScores = Float[torch.Tensor, "layer head"]
@@ -106,6 +109,11 @@ class IOIContext:
         ctx = cls(model, clean, abc, ids, means, torch.empty(0))
         ctx.clean_ld = ctx.run_ld()
         return ctx
+
+    @property
+    def dist(self) -> Dist:
+        """The ranks passes over the prompts split them over: none here (`ShardedIOIContext`: torchrun's)."""
+        return Dist()
 
     @property
     def n_layers(self) -> int:
@@ -193,90 +201,87 @@ class IOIContext:
 # ------------------------------------------------------------------------------------------------
 # scores
 # ------------------------------------------------------------------------------------------------
-def head_direct_effects(ctx: IOIContext) -> HeadScores:
-    """Mean direct effect of each head on IO - S at END (final norm scale frozen) ``[layer, head]``."""
-    b = ctx.clean
-    de = _direct_effects(ctx.model, b.tokens, ioi_metric(b), attention_mask=b.attention_mask, include_saes=False)
-    idx = torch.arange(len(b.end))
-    return de.head[idx, :, b.end.cpu()].float().mean(0).detach().cpu()  # type: ignore[index]
+def _prompt_mean(ctx: IOIContext, part: Callable[[torch.Tensor], torch.Tensor], rows: Optional[torch.Tensor],
+                 shape: tuple[int, ...], dist: Optional[Dist]) -> torch.Tensor:
+    """The mean over ``rows`` (default: all) of ``part(r)``, a mean over prompts ``r``, split over ``dist``'s ranks."""
+    every = torch.arange(len(ctx.clean.end)) if rows is None else rows
+    return mean_over_rows(part, every, shape, ctx.dist if dist is None else dist)
 
 
-def attribution_by_position(ctx: IOIContext) -> dict[str, HeadScores]:
-    """Attribution patching of each head, grad(LD) . (z_clean - z_ref), per ``[layer, head]``.
+def head_direct_effects(ctx: IOIContext, rows: Optional[torch.Tensor] = None, dist: Optional[Dist] = None) -> HeadScores:
+    """Mean direct effect of each head on IO - S at END (final norm scale frozen) ``[layer, head]``
+    over the prompts ``rows`` (default: all), split over the ranks of ``dist`` (default ``ctx.dist``)."""
+    def part(r: torch.Tensor) -> torch.Tensor:
+        b = ctx.clean[r]
+        de = _direct_effects(ctx.model, b.tokens, ioi_metric(b), attention_mask=b.attention_mask, include_saes=False)
+        return de.head[torch.arange(len(b.end)), :, b.end.cpu()].float().mean(0).detach().cpu()  # type: ignore[index]
+
+    return _prompt_mean(ctx, part, rows, (ctx.n_layers, ctx.n_heads), dist)
+
+
+_POSITION_KEYS = ("end", "s2", "s1_plus_1", "knockout")
+
+
+def attribution_by_position(ctx: IOIContext, rows: Optional[torch.Tensor] = None,
+                            dist: Optional[Dist] = None) -> dict[str, HeadScores]:
+    """Attribution patching of each head, grad(LD) . (z_clean - z_ref), per ``[layer, head]``, mean
+    over the prompts ``rows`` (default: all), split over the ranks of ``dist`` (default ``ctx.dist``).
 
     Keys ``end``, ``s2``, ``s1_plus_1``: the ABC prompts as the reference, at that position;
     ``knockout``: the per-template ABC means as the reference, summed over positions (estimates how
     much the logit difference drops when the head is mean-ablated)."""
-    m, b = ctx.model, ctx.clean
-    names = [m.hook_name("z", l) for l in range(ctx.n_layers)]
-    metric = ioi_metric(b)
-    # the gradient is of the batch mean, so sums over prompts below are means per prompt
-    grun = run_with_grads(m, b.tokens, lambda logits, acts: metric(logits).mean(), names, b.attention_mask)
-    with torch.no_grad():
-        _, abc_cache = m.run_with_cache(ctx.abc.tokens, attention_mask=ctx.abc.attention_mask, names_filter=names)
-    return _position_scores(ctx, grun, names, abc_cache)
+    m, names = ctx.model, [ctx.model.hook_name("z", l) for l in range(ctx.n_layers)]
+
+    def part(r: torch.Tensor) -> torch.Tensor:
+        b, a, metric = ctx.clean[r], ctx.abc[r], ioi_metric(ctx.clean[r])
+        # the gradient is of the batch mean, so sums over prompts below are means per prompt
+        grun = run_with_grads(m, b.tokens, lambda logits, acts: metric(logits).mean(), names, b.attention_mask)
+        with torch.no_grad():
+            _, abc_cache = m.run_with_cache(a.tokens, attention_mask=a.attention_mask, names_filter=names)
+        return _position_scores(ctx, b, ctx.group_ids[r], grun, names, abc_cache)
+
+    out = _prompt_mean(ctx, part, rows, (len(_POSITION_KEYS), ctx.n_layers, ctx.n_heads), dist)
+    return {k: out[i].clone() for i, k in enumerate(_POSITION_KEYS)}
 
 
-def _position_scores(ctx: IOIContext, grun: GradRun, names: list[str], abc_cache: Any) -> dict[str, HeadScores]:
-    """grad . (z - reference) per head: at END, S2 and S1+1 against the ABC run, summed over
-    positions against the per-template means."""
-    b = ctx.clean
+def _position_scores(ctx: IOIContext, b: IOIBatch, groups: torch.Tensor, grun: GradRun, names: list[str],
+                     abc_cache: Any) -> torch.Tensor:
+    """grad . (z - reference) per head ``[key, layer, head]`` (keys `_POSITION_KEYS`): at END, S2 and
+    S1+1 against the ABC run, summed over positions against the per-template means (``groups``)."""
     idx = torch.arange(b.tokens.shape[0])
     mask = b.attention_mask[:, :, None].to(grun.grads[names[0]].dtype)
-    out = {k: torch.zeros(ctx.n_layers, ctx.n_heads) for k in ("end", "s2", "s1_plus_1", "knockout")}
+    out = torch.zeros(len(_POSITION_KEYS), ctx.n_layers, ctx.n_heads)
     for l, name in enumerate(names):
         contrib = -grun.change(name, abc_cache[name]).sum(-1)  # (z - z_abc) . grad  [b, p, h]
-        for key, pos in (("end", b.end), ("s2", b.s2_pos), ("s1_plus_1", b.s1_plus_1)):
-            out[key][l] = contrib[idx, pos].sum(0).cpu()
-        mean = ctx.mean_z(l, ctx.group_ids, grun.acts[name])
-        out["knockout"][l] = (-grun.change(name, mean).sum(-1) * mask).sum((0, 1)).cpu()
+        for k, pos in enumerate((b.end, b.s2_pos, b.s1_plus_1)):
+            out[k, l] = contrib[idx, pos].sum(0).cpu()
+        mean = ctx.mean_z(l, groups, grun.acts[name])
+        out[3, l] = (-grun.change(name, mean).sum(-1) * mask).sum((0, 1)).cpu()
     return out
 
 
 def path_patch_to_queries(ctx: IOIContext, senders: Sequence[Head], receivers: Sequence[Head],
-                          rows: Optional[torch.Tensor] = None, progress: bool = True) -> dict[Head, float]:
+                          rows: Optional[torch.Tensor] = None, progress: bool = True,
+                          dist: Optional[Dist] = None) -> dict[Head, float]:
     """Change in mean logit difference when each sender's output is its ABC value along the path
     into the receivers' queries only (the IOI paper's appendix: other heads frozen to their clean
-    values, MLPs recomputed). Negative: the sender's clean output helps through those queries."""
+    values, MLPs recomputed). Negative: the sender's clean output helps through those queries. Mean
+    over the prompts ``rows`` (default: all), split over ``dist``'s ranks (default ``ctx.dist``)."""
     senders = [h for h in senders if any(r[0] > h[0] for r in receivers)]
     if not senders or not receivers:
         return {}
-    b = ctx.clean if rows is None else ctx.clean[rows]
-    a = ctx.abc if rows is None else ctx.abc[rows]
-    values = path_patch(ctx.model, b.tokens, a.tokens, ioi_metric(b), [Node.head(l, h) for l, h in senders],
-                        receivers=[Node.head(l, h, site="q") for l, h in receivers], direction="noise",
-                        normalise=False, clean_mask=b.attention_mask, corrupted_mask=a.attention_mask,
-                        progress=progress)
+    show = (ctx.dist if dist is None else dist).progress(progress)
+
+    def part(r: torch.Tensor) -> torch.Tensor:
+        b, a = ctx.clean[r], ctx.abc[r]
+        return path_patch(ctx.model, b.tokens, a.tokens, ioi_metric(b), [Node.head(l, h) for l, h in senders],
+                          receivers=[Node.head(l, h, site="q") for l, h in receivers], direction="noise",
+                          normalise=False, clean_mask=b.attention_mask, corrupted_mask=a.attention_mask,
+                          progress=show)
+
+    values = _prompt_mean(ctx, part, rows, (len(senders),), dist)
     base = float((ctx.clean_ld if rows is None else ctx.clean_ld[rows]).mean())
     return {h: float(v) - base for h, v in zip(senders, values)}
-
-
-def head_detector_scores(model: HookedTransformer, n_seqs: int = 8, seq_len: int = 40, seed: int = 0) -> dict[str, HeadScores]:
-    """Induction, duplicate-token and previous-token scores ``[layer, head]`` on repeated random tokens.
-
-    Each score is the mean attention, over the second repeat, to the position it names: the one
-    after the previous occurrence of the current token (induction), that previous occurrence
-    (duplicate token), or, over every position but the first, the previous position."""
-    n_ctx = getattr(model.cfg, "n_ctx", None)
-    if n_ctx is not None:
-        seq_len = min(seq_len, n_ctx // 2)  # two repeats must fit the context
-    g = torch.Generator().manual_seed(seed)
-    lo = 1000 if model.cfg.d_vocab > 5000 else 0
-    rand = torch.randint(lo, model.cfg.d_vocab - 1, (n_seqs, seq_len), generator=g)
-    tokens = torch.cat([rand, rand], dim=1).to(model.device)
-    L = seq_len
-    names = [model.hook_name("pattern", l) for l in range(model.cfg.n_layers)]
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=names)
-    out = {k: torch.zeros(model.cfg.n_layers, model.cfg.n_heads) for k in ("induction", "duplicate", "previous")}
-    q2 = torch.arange(L, 2 * L)
-    qa = torch.arange(1, 2 * L)
-    for l, name in enumerate(names):
-        p = cache[name].float()  # [b, h, q, k]
-        out["induction"][l] = p[:, :, q2, q2 - L + 1].mean((0, 2)).cpu()
-        out["duplicate"][l] = p[:, :, q2, q2 - L].mean((0, 2)).cpu()
-        out["previous"][l] = p[:, :, qa, qa - 1].mean((0, 2)).cpu()
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -378,7 +383,7 @@ def discover(
     attr = attribution_by_position(ctx)
     knock = attr["knockout"]
     progress("head detectors")
-    det = head_detector_scores(ctx.model)
+    det = head_detector_scores(ctx.model, dist=ctx.dist)
     model_ld = float(ctx.clean_ld.mean())
     small = 0.01 * abs(model_ld)
 

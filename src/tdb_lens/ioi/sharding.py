@@ -1,18 +1,22 @@
-"""IOI discovery metrics split over torchrun's ranks by prompt, reduced to the 1-process numbers.
+"""IOI discovery split over torchrun's ranks by prompt, reduced to the 1-process numbers.
 
 `ShardedIOIContext` is an `IOIContext` whose circuit metrics (``circuit_ld``, and through it
 ``faithfulness``, ``ablate_only``, completeness and minimality; ``circuit_attribution``) split their
-prompts over the ranks, so `tdb_lens.ioi.discover` and `tdb_lens.ioi.run_ioi` run their search and
-final measurements data parallel (``tdb-lens ioi`` under torchrun uses it); the single passes
-before the search (direct effects, attribution by position, path patching, detectors) run whole on
-every rank. The free functions below do the same for one call on a plain `IOIContext`.
+prompts over the ranks, and whose ``dist`` is torchrun's (`tdb_lens.distributed.current`), so the
+passes before the search that read it split too: head direct effects, attribution by position and
+path patching into the name movers' queries by prompt, the head detectors by random sequence (every
+rank draws the same ``n_seqs`` sequences from the seed and scores its block, so the union is the
+1-process set). `tdb_lens.ioi.discover` and `tdb_lens.ioi.run_ioi` thus run data parallel from
+start to end with no flag (``tdb-lens ioi`` under torchrun uses it). The free functions below do
+the same for one call on a plain `IOIContext`; the passes take ``rows=`` / ``dist=`` themselves.
 
 Every rank builds the same `IOIContext` (same prompts, ABC corruption and per-template means),
 then evaluates its contiguous block of prompts (`tdb_lens.distributed.Dist.shard`); per-prompt
-logit differences are gathered in prompt order, means are ``n_prompts x mean`` summed over ranks.
-The functions mirror the context's methods (``ctx.circuit_ld``, ``ctx.faithfulness``,
-``ctx.circuit_attribution``) and return the same numbers on every rank. In a plain process the one
-rank takes every prompt.
+logit differences are gathered in prompt order, means are ``n_prompts x mean`` summed over ranks
+in float64 (`tdb_lens.attribution.sharding.reduce_means`, `mean_over_rows`); a rank left without
+prompts adds nothing. The functions mirror the context's methods (``ctx.circuit_ld``,
+``ctx.faithfulness``, ``ctx.circuit_attribution``) and return the same numbers on every rank. In a
+plain process the one rank takes every prompt.
 """
 
 from __future__ import annotations
@@ -73,8 +77,13 @@ class ShardedIOIContext(IOIContext):
     """An `IOIContext` whose circuit metrics split their prompts over the ranks of
     `tdb_lens.distributed.current()` (module docstring); the ordinary context in a plain process."""
 
+    @property
+    def dist(self) -> Dist:
+        """torchrun's ranks (`tdb_lens.distributed.current`): the passes of `tdb_lens.ioi.discovery` split over them."""
+        return current()
+
     def _my_rows(self, rows: Optional[torch.Tensor]) -> tuple[Dist, torch.Tensor, torch.Tensor]:
-        d = current()
+        d = self.dist
         every = torch.arange(len(self.clean.end)) if rows is None else torch.as_tensor(rows).long().reshape(-1)
         r = d.shard(len(every))
         return d, every, every[r.start:r.stop]
