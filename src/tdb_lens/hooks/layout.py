@@ -29,7 +29,7 @@ UNIT_AXES = ("head", "kv_head", "d_mlp", "d_sae")
 #: The layer that leading axes of a spliced module's hook point inherit from its host.
 HOST_AXES = "..."
 
-COMPONENTS = ("embed", "resid", "attn", "mlp", "ln1", "ln2", "ln_final", "sae", "model")
+COMPONENTS = ("embed", "resid", "attn", "mlp", "ln1", "ln2", "ln_final", "unembed", "sae", "model")
 
 
 @dataclass(frozen=True)

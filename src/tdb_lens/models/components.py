@@ -20,7 +20,8 @@ from torch import nn
 
 from ..hooks import HookPoint
 from ..hooks.hook_point import hooks_active
-from ..hooks.layout import layout
+from ..hooks.layout import HookLayout, layout
+from .optional_hooks import ATTN_IN_CONFLICT, busy_reason
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,23 +363,31 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: ``resid + attn(ln1(resid))``, then ``+ mlp(ln2(resid))``."""
+    """Pre-norm residual block: ``resid + attn(ln1(resid))``, then ``+ mlp(ln2(resid))``.
+
+    ``hook_attn_in`` and ``hook_mlp_in`` are opt-in (TransformerLens' ``use_attn_in`` /
+    ``use_hook_mlp_in``): empty slots (None, not in the model's hook set) until switched on.
+    """
 
     ln1: Norm
     attn: Attention
     ln2: Norm
     mlp: MLP
+    hook_attn_in: Optional[HookPoint]
+    hook_mlp_in: Optional[HookPoint]
 
     def __init__(self, ln1: Norm, attn: Attention, ln2: Norm, mlp: MLP, layer: int) -> None:
         super().__init__()
         self.ln1, self.attn, self.ln2, self.mlp = ln1, attn, ln2, mlp
         resid = ("batch", "pos", "d_model")
         self.hook_resid_pre = HookPoint(layout("resid", "resid_pre", *resid))
+        self.register_module("hook_attn_in", None)  # slot: see set_attn_in
         self.hook_q_input = HookPoint(layout("attn", "q_input", "batch", "pos", "head", "d_model"))
         self.hook_k_input = HookPoint(layout("attn", "k_input", "batch", "pos", "kv_head", "d_model"))
         self.hook_v_input = HookPoint(layout("attn", "v_input", "batch", "pos", "kv_head", "d_model"))
         self.hook_attn_out = HookPoint(layout("attn", "attn_out", *resid))
         self.hook_resid_mid = HookPoint(layout("resid", "resid_mid", *resid))
+        self.register_module("hook_mlp_in", None)  # slot: see set_mlp_in
         self.hook_mlp_out = HookPoint(layout("mlp", "mlp_out", *resid))
         self.hook_resid_post = HookPoint(layout("resid", "resid_post", *resid))
         self.layer = layer
@@ -388,21 +397,67 @@ class Block(nn.Module):
 
     def set_split_qkv_input(self, use: bool) -> None:
         """Per-head q/k/v inputs (see `_split_inputs`); ln1's hooks then gain a ``qkv_head`` axis."""
+        if use and self.hook_attn_in is not None:
+            raise ValueError(ATTN_IN_CONFLICT)
         self.attn.use_split_qkv_input = use
-        head = ("qkv_head",) if use else ()
+        self._ln1_head_axis("qkv_head" if use else None)
+
+    def attn_in_problem(self, use: bool) -> Optional[str]:
+        """Why ``hook_attn_in`` cannot be switched to ``use`` now (None: it can)."""
+        if use and self.attn.use_split_qkv_input:
+            return ATTN_IN_CONFLICT
+        if use and self.attn.n_kv_heads != self.attn.n_heads:
+            return (f"use_attn_in needs one key/value head per query head; this model has {self.attn.n_heads} "
+                    f"query and {self.attn.n_kv_heads} key/value heads (grouped-query attention). TransformerLens "
+                    "refuses it too: use set_use_split_qkv_input(True) (hook_k_input/hook_v_input per key/value head)")
+        return busy_reason(self.hook_attn_in) if not use else None
+
+    def set_attn_in(self, use: bool) -> None:
+        """``hook_attn_in`` [batch, pos, head, d_model]: a copy of the residual per head, the input
+        of that head's q, k and v (each copy normalised by ln1, whose hooks then gain a ``head`` axis).
+        Edits change only the attention's input; the residual stream goes on unchanged."""
+        problem = self.attn_in_problem(use)
+        if problem:
+            raise ValueError(problem)
+        self._switch("hook_attn_in", layout("attn", "attn_in", "batch", "pos", "head", "d_model") if use else None)
+        self._ln1_head_axis("head" if use else None)
+
+    def set_mlp_in(self, use: bool) -> None:
+        """``hook_mlp_in`` [batch, pos, d_model]: a copy of ``hook_resid_mid``, the input of ln2 and the
+        MLP. Edits change only the MLP's input; the residual stream goes on unchanged."""
+        problem = None if use else busy_reason(self.hook_mlp_in)
+        if problem:
+            raise ValueError(problem)
+        self._switch("hook_mlp_in", layout("mlp", "mlp_in", "batch", "pos", "d_model") if use else None)
+
+    def _switch(self, slot: str, lay: Optional[HookLayout]) -> None:
+        if lay is None:
+            self.register_module(slot, None)
+        elif self._modules[slot] is None:
+            self.register_module(slot, HookPoint(lay.stamped(layer=self.layer)))
+
+    def _ln1_head_axis(self, head: Optional[str]) -> None:
+        """ln1 normalises per-head copies (``head``: their axis) or the residual itself (None)."""
+        heads = (head,) if head else ()
         for hp, last in ((self.ln1.hook_scale, "singleton"), (self.ln1.hook_normalized, "d_model")):
             old = hp.layout
             if old is not None:
-                hp.layout = old.stamped(axes=("batch", "pos", *head, last))
+                hp.layout = old.stamped(axes=("batch", "pos", *heads, last))
 
     def forward(self, resid: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         resid = self.hook_resid_pre(resid)
         if self.attn.use_split_qkv_input:
             attn_out = self.attn(self._split_inputs(resid), ctx)
+        elif self.hook_attn_in is not None:
+            b, p, m = resid.shape
+            per_head = self.hook_attn_in(resid[:, :, None].expand(b, p, self.attn.n_heads, m).clone())
+            normed = self.ln1(per_head)
+            attn_out = self.attn((normed, normed, normed), ctx)
         else:
             attn_out = self.attn(self.ln1(resid), ctx)
         resid = self.hook_resid_mid(resid + self.hook_attn_out(attn_out))
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid)))
+        mlp_in = resid if self.hook_mlp_in is None else self.hook_mlp_in(resid.clone())
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mlp_in)))
         return self.hook_resid_post(resid + mlp_out)
 
     def _split_inputs(self, resid: torch.Tensor):

@@ -19,13 +19,17 @@ from ..hooks import HookedRootModule, HookPoint
 from ..hooks.layout import layout
 from ..tokenizer import Tokenizer
 from .components import Blocks, ForwardContext, KVCache, Norm
+from .optional_hooks import OptionalHooksMixin
 from .sae_host import SAEHostMixin
 from .sampling import check_generate_args, next_token
 
 TextOrTokens = Union[str, Sequence[str], torch.Tensor, Sequence[int]]
 
 
-class HookedTransformer(SAEHostMixin, HookedRootModule):
+class HookedTransformer(SAEHostMixin, OptionalHooksMixin, HookedRootModule):
+    """The shared engine; ``set_use_attn_result``, ``set_use_split_qkv_input``, ``set_use_attn_in``,
+    ``set_use_hook_mlp_in`` and ``set_use_unembed_hooks`` (`optional_hooks`) add opt-in hook points."""
+
     tokenizer: Optional[Tokenizer]
     blocks: Blocks
     ln_final: Norm
@@ -253,8 +257,9 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
         self, resid: Float[torch.Tensor, "... d_model"], norm_scale: Optional[Float[torch.Tensor, "... 1"]] = None
     ) -> Float[torch.Tensor, "... d_vocab"]:
         """Logits from the final residual stream: final norm (its scale fixed to ``norm_scale`` when
-        given), then the family's unembedding, exactly as ``forward`` computes them."""
-        return self.unembed(self.final_norm(resid, norm_scale))
+        given), then the family's unembedding, exactly as ``forward`` computes them (through
+        ``unembed.hook_in`` / ``hook_out`` when `set_use_unembed_hooks` is on)."""
+        return self.unembed_hooked(self.final_norm(resid, norm_scale))
 
     def forward(
         self,
@@ -386,19 +391,6 @@ class HookedTransformer(SAEHostMixin, HookedRootModule):
         from .factored import FactoredMatrix
 
         return FactoredMatrix(self.W_Q, self._stack_blocks("attn", "W_K_per_query_head").transpose(-1, -2))
-
-    def set_use_attn_result(self, use: bool) -> None:
-        """Per-head outputs at ``attn.hook_result`` [batch, pos, head, d_model]: n_heads times the
-        memory of ``hook_attn_out`` and an einsum instead of one matmul."""
-        for b in self.blocks:
-            b.attn.use_attn_result = use
-
-    def set_use_split_qkv_input(self, use: bool) -> None:
-        """Per-head copies of the residual at ``hook_q_input``/``hook_k_input``/``hook_v_input``
-        [batch, pos, head, d_model]: (n_heads + 2 n_kv_heads) times the residual's memory."""
-        for b in self.blocks:
-            b.set_split_qkv_input(use)
-        self.setup()
 
     # ---- generation -------------------------------------------------------------------------
     @torch.no_grad()
