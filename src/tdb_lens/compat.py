@@ -17,6 +17,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .models.config import ModelConfig
 from .models.engine import HookedTransformer
 from .models.gpt2 import GPT2_NAMES, GPT2Config, HookedGPT2
 from .models.llama import HookedLlama, LlamaConfig
@@ -130,7 +131,7 @@ def HookedTransformerConfig(
     attn_only: bool = False,
     init_range: float = 0.02,
     **ignored: Any,
-) -> Union[GPT2Config, LlamaConfig]:
+) -> ModelConfig:
     """TransformerLens' config arguments -> the matching family config: LayerNorm + learned positions
     + ``gelu_new`` is `GPT2Config`; RMSNorm + rotary + gated ``silu`` is `LlamaConfig`. Other
     architectures raise, naming what is supported. Build the model with `from_config`."""
@@ -140,13 +141,13 @@ def HookedTransformerConfig(
         raise ValueError("d_vocab must be given (TransformerLens reads it from a tokenizer; pass it here)")
     if attn_only:
         raise ValueError("attention-only models are not supported")
-    if (normalization_type in ("LN", "LNPre") and positional_embedding_type == "standard"
-            and act_fn == "gelu_new" and not gated_mlp):
+    tl_arch = (normalization_type, positional_embedding_type, act_fn, gated_mlp)
+    if _is_family(GPT2Config, *tl_arch):
         if d_head * n_heads != d_model:
             raise ValueError(f"a GPT-2 config needs d_head * n_heads == d_model, got {d_head} * {n_heads} != {d_model}")
         return GPT2Config(n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_mlp=d_mlp, d_vocab=d_vocab,
                           n_ctx=n_ctx, eps=eps, init_range=init_range)
-    if normalization_type in ("RMS", "RMSPre") and positional_embedding_type == "rotary" and act_fn == "silu" and gated_mlp:
+    if _is_family(LlamaConfig, *tl_arch):
         return LlamaConfig(n_layers=n_layers, n_heads=n_heads, n_key_value_heads=n_key_value_heads or n_heads,
                            d_model=d_model, d_head=d_head, d_mlp=d_mlp, d_vocab=d_vocab, n_ctx=n_ctx, eps=eps,
                            rope_theta=rotary_base, tie_word_embeddings=False, init_range=init_range)
@@ -156,7 +157,16 @@ def HookedTransformerConfig(
         "('LN', 'standard', 'gelu_new') and Llama ('RMS', 'rotary', 'silu', gated_mlp=True)")
 
 
-def from_config(cfg: Union[GPT2Config, LlamaConfig], seed: Optional[int] = None, **kwargs: Any) -> HookedTransformer:
+def _is_family(config_class: type[ModelConfig], normalization_type: Optional[str], positional_embedding_type: str,
+               act_fn: Optional[str], gated_mlp: bool) -> bool:
+    """Whether TransformerLens' architecture fields describe ``config_class``'s family (the norm with or
+    without TransformerLens' "Pre" suffix for a folded norm)."""
+    arch = config_class.architecture
+    same = (positional_embedding_type, act_fn, bool(gated_mlp)) == (arch.positional_embedding_type, arch.act_fn, arch.gated_mlp)
+    return same and normalization_type in (arch.normalization_type, arch.normalization_type + "Pre")
+
+
+def from_config(cfg: ModelConfig, seed: Optional[int] = None, **kwargs: Any) -> HookedTransformer:
     """TransformerLens' ``HookedTransformer(cfg)``: a model of ``cfg``'s family with random weights."""
     if isinstance(cfg, GPT2Config):
         return HookedGPT2.from_config(cfg, seed=seed, **kwargs)

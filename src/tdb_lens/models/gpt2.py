@@ -6,7 +6,6 @@ Parameters are stored in Hugging Face's layout (``c_attn``, ``c_proj``, ``c_fc``
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, cast
@@ -20,6 +19,7 @@ from ..hooks import HookPoint
 from ..hooks.layout import layout
 from ..tokenizer import Tokenizer, gpt2_tokenizer
 from .components import MLP, Attention, Block, Blocks, ForwardContext, LayerNorm
+from .config import ModelConfig, TLArchitecture
 from .engine import HookedTransformer
 from .hub import CheckpointError, DictSource, TensorSource, load_state_into, read_config, resolve_checkpoint, safetensors_files
 
@@ -33,45 +33,15 @@ GPT2_NAMES = {
 }
 
 
-@dataclass
-class GPT2Config:
-    n_layers: int = 12
-    n_heads: int = 12
-    d_model: int = 768
-    d_mlp: int = 3072
-    d_vocab: int = 50257
-    n_ctx: int = 1024
-    eps: float = 1e-5
-    init_range: float = 0.02
+@dataclass(kw_only=True)
+class GPT2Config(ModelConfig):
+    """GPT-2's sizes (`ModelConfig`'s fields; defaults: GPT-2 small); ``d_head`` is ``d_model // n_heads``."""
 
-    @property
-    def d_head(self) -> int:
-        return self.d_model // self.n_heads
-
-    @property
-    def n_key_value_heads(self) -> int:
-        return self.n_heads
-
-    # TransformerLens' config fields that are fixed for this family (read-only)
-    act_fn = property(lambda self: "gelu_new")
-    normalization_type = property(lambda self: "LN", doc="'LN' (TransformerLens says 'LNPre' after fold_ln)")
-    positional_embedding_type = property(lambda self: "standard")
-    attn_only = property(lambda self: False)
-    gated_mlp = property(lambda self: False)
-    d_vocab_out = property(lambda self: self.d_vocab)
-    original_architecture = property(lambda self: "GPT2LMHeadModel")
-    default_prepend_bos = property(lambda self: True)
-    #: TransformerLens' ``cfg.device``; None (tensors made with it go to the default device)
-    #: unless set; moving the model does not change it
-    device = None
+    architecture = TLArchitecture(act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard",
+                                  gated_mlp=False, original_architecture="GPT2LMHeadModel", default_prepend_bos=True)
 
     def __post_init__(self) -> None:
-        for name in ("n_layers", "n_heads", "d_model", "d_mlp", "d_vocab", "n_ctx"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPT2Config.{name} is {value!r}; expected a positive integer")
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not math.isfinite(self.eps) or self.eps <= 0:
-            raise ValueError(f"GPT2Config.eps is {self.eps!r}; expected a finite number > 0")
+        super().__post_init__()
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
 

@@ -24,6 +24,7 @@ from ..hooks import HookPoint
 from ..hooks.layout import layout
 from ..tokenizer import HFTokenizer, Tokenizer
 from .components import MLP, Attention, Block, Blocks, ForwardContext, RMSNorm
+from .config import ModelConfig, TLArchitecture
 from .engine import HookedTransformer
 from .hub import CheckpointError, DictSource, TensorSource, load_state_into, read_config, resolve_checkpoint, safetensors_files
 
@@ -33,17 +34,13 @@ if TYPE_CHECKING:  # pragma: no cover
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
 
-@dataclass
-class LlamaConfig:
-    n_layers: int = 2
-    n_heads: int = 4
+@dataclass(kw_only=True)
+class LlamaConfig(ModelConfig, defaults={"n_layers": 2, "n_heads": 4, "d_model": 64, "d_mlp": 128, "d_vocab": 100,
+                                         "n_ctx": 2048}):
+    """A Llama-family config: `ModelConfig`'s fields (defaults: a tiny test model) and the family's own."""
+
     n_key_value_heads: int = 2
-    d_model: int = 64
     d_head: int = 16
-    d_mlp: int = 128
-    d_vocab: int = 100
-    n_ctx: int = 2048
-    eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: Optional[dict] = None
     # per-frequency divisors of the rotary frequencies (llama.cpp's rope_freqs.weight: how GGUF files of
@@ -51,32 +48,18 @@ class LlamaConfig:
     rope_freq_factors: Optional[tuple[float, ...]] = None
     tie_word_embeddings: bool = True
     attention_bias: bool = False  # q/k/v biases (Qwen2: True)
-    init_range: float = 0.02
     model_type: str = "llama"
     extra: dict = field(default_factory=dict)
 
-    # TransformerLens' config fields that are fixed for this family (read-only)
-    act_fn = property(lambda self: "silu")
-    normalization_type = property(lambda self: "RMS")
-    positional_embedding_type = property(lambda self: "rotary")
-    attn_only = property(lambda self: False)
-    gated_mlp = property(lambda self: True)
-    d_vocab_out = property(lambda self: self.d_vocab)
-    rotary_base = property(lambda self: self.rope_theta)
-    #: None: the tokenizer's own convention decides (SmolLM2: no BOS)
-    default_prepend_bos = None
-    #: TransformerLens' ``cfg.device``; None unless set; moving the model does not change it
-    device = None
+    #: default_prepend_bos None: the tokenizer's own convention decides (SmolLM2: no BOS)
+    architecture = TLArchitecture(act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
+                                  gated_mlp=True, original_architecture="LlamaForCausalLM", default_prepend_bos=None)
+    _positive_ints = ("n_layers", "n_heads", "n_key_value_heads", "d_model", "d_head", "d_mlp", "d_vocab", "n_ctx")
+    _positive_floats = ("eps", "rope_theta")
+    rotary_base = property(lambda self: self.rope_theta)  # TransformerLens' name (read-only)
 
     def __post_init__(self) -> None:
-        for name in ("n_layers", "n_heads", "n_key_value_heads", "d_model", "d_head", "d_mlp", "d_vocab", "n_ctx"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LlamaConfig.{name} is {value!r}; expected a positive integer")
-        for name in ("eps", "rope_theta"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"LlamaConfig.{name} is {value!r}; expected a finite number > 0")
+        super().__post_init__()
         if self.n_heads % self.n_key_value_heads:
             raise ValueError(f"n_heads {self.n_heads} must be a multiple of n_key_value_heads {self.n_key_value_heads}")
         if self.d_head % 2:
