@@ -21,6 +21,7 @@ from .models.config import ModelConfig
 from .models.engine import HookedTransformer
 from .models.gpt2 import GPT2_NAMES, GPT2Config, HookedGPT2
 from .models.llama import HookedLlama, LlamaConfig
+from .models.optional_hooks import ATTN_IN_CONFLICT
 from .models.processing import process_weights_
 
 #: TransformerLens' default weight processing in ``from_pretrained``
@@ -130,11 +131,47 @@ def HookedTransformerConfig(
     gated_mlp: bool = False,
     attn_only: bool = False,
     init_range: float = 0.02,
+    use_attn_result: bool = False,
+    use_split_qkv_input: bool = False,
+    use_attn_in: bool = False,
+    use_hook_mlp_in: bool = False,
     **ignored: Any,
 ) -> ModelConfig:
     """TransformerLens' config arguments -> the matching family config: LayerNorm + learned positions
     + ``gelu_new`` is `GPT2Config`; RMSNorm + rotary + gated ``silu`` is `LlamaConfig`. Other
-    architectures raise, naming what is supported. Build the model with `from_config`."""
+    architectures raise, naming what is supported. Build the model with `from_config`.
+
+    The ``use_*`` hook switches are kept on the config (``cfg.use_attn_in`` ...) and applied by
+    `from_config`; the model's ``set_use_*`` setters keep them in step afterwards."""
+    flags = {"use_attn_result": use_attn_result, "use_split_qkv_input": use_split_qkv_input,
+             "use_attn_in": use_attn_in, "use_hook_mlp_in": use_hook_mlp_in}
+    cfg = _family_config(n_layers, d_model, n_ctx, d_head, n_heads, d_mlp, act_fn, d_vocab, normalization_type,
+                         positional_embedding_type, eps, n_key_value_heads, rotary_base, gated_mlp, attn_only, init_range)
+    _check_hook_flags(cfg, flags)
+    for flag, on in flags.items():
+        setattr(cfg, flag, on)
+    return cfg
+
+
+#: TransformerLens' hook switches that `HookedTransformerConfig` takes and `from_config` applies
+HOOK_FLAGS = ("use_attn_result", "use_split_qkv_input", "use_attn_in", "use_hook_mlp_in")
+
+
+def _check_hook_flags(cfg: ModelConfig, flags: dict[str, bool]) -> None:
+    for flag, on in flags.items():
+        if not isinstance(on, bool):
+            raise TypeError(f"{flag} must be True or False, got {on!r}")
+    if flags["use_attn_in"] and flags["use_split_qkv_input"]:
+        raise ValueError(ATTN_IN_CONFLICT)
+    if flags["use_attn_in"] and cfg.n_key_value_heads != cfg.n_heads:
+        raise ValueError(f"use_attn_in needs one key/value head per query head; the config has {cfg.n_heads} query "
+                         f"and {cfg.n_key_value_heads} key/value heads (use use_split_qkv_input instead)")
+
+
+def _family_config(n_layers: int, d_model: int, n_ctx: int, d_head: int, n_heads: int, d_mlp: Optional[int],
+                   act_fn: Optional[str], d_vocab: int, normalization_type: Optional[str], positional_embedding_type: str,
+                   eps: float, n_key_value_heads: Optional[int], rotary_base: float, gated_mlp: bool, attn_only: bool,
+                   init_range: float) -> ModelConfig:
     n_heads = d_model // d_head if n_heads == -1 else n_heads
     d_mlp = 4 * d_model if d_mlp is None else d_mlp
     if d_vocab <= 0:
@@ -167,9 +204,16 @@ def _is_family(config_class: type[ModelConfig], normalization_type: Optional[str
 
 
 def from_config(cfg: ModelConfig, seed: Optional[int] = None, **kwargs: Any) -> HookedTransformer:
-    """TransformerLens' ``HookedTransformer(cfg)``: a model of ``cfg``'s family with random weights."""
+    """TransformerLens' ``HookedTransformer(cfg)``: a model of ``cfg``'s family with random weights
+    (with the ``use_*`` hook switches a `HookedTransformerConfig` was given switched on)."""
+    model: HookedTransformer
     if isinstance(cfg, GPT2Config):
-        return HookedGPT2.from_config(cfg, seed=seed, **kwargs)
-    if isinstance(cfg, LlamaConfig):
-        return HookedLlama.from_config(cfg, seed=seed, **kwargs)
-    raise TypeError(f"from_config takes a GPT2Config or LlamaConfig (see HookedTransformerConfig), got {type(cfg).__name__}")
+        model = HookedGPT2.from_config(cfg, seed=seed, **kwargs)
+    elif isinstance(cfg, LlamaConfig):
+        model = HookedLlama.from_config(cfg, seed=seed, **kwargs)
+    else:
+        raise TypeError(f"from_config takes a GPT2Config or LlamaConfig (see HookedTransformerConfig), got {type(cfg).__name__}")
+    for flag in HOOK_FLAGS:
+        if getattr(cfg, flag, False):
+            getattr(model, f"set_{flag}")(True)
+    return model
