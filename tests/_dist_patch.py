@@ -12,7 +12,15 @@ from tdb_lens import GPT2Config, HookedGPT2, distributed
 from tdb_lens.attribution import Node, activation_patch, attribution_patch, path_patch
 from tdb_lens.attribution.sharding import sharded_patch
 from tdb_lens.ioi import IOIContext, IOIDataset
-from tdb_lens.ioi.discovery import completeness, ioi_metric, minimality
+from tdb_lens.ioi.discovery import (
+    attribution_by_position,
+    completeness,
+    head_detector_scores,
+    head_direct_effects,
+    ioi_metric,
+    minimality,
+    path_patch_to_queries,
+)
 from tdb_lens.ioi.sharding import (
     ShardedIOIContext,
     sharded_circuit_attribution,
@@ -57,6 +65,32 @@ def context_metrics(ctx) -> dict:
             "ctx_minimality": torch.tensor(list(minimality(ctx, CIRCUIT).values()))}
 
 
+def pass_results(ctx) -> tuple[dict, int]:
+    """The passes before the search, split over ``ctx.dist``'s ranks: every prompt, 9 prompts (5 + 4 on
+    2 ranks), detectors on 5 random sequences (3 + 2) and on 1 (the second rank scores none); and the
+    number of sequences this process ran through the model for them (at ``hook_embed``)."""
+    seen = [0]
+
+    def count(x, hook):
+        seen[0] += x.shape[0]
+
+    with ctx.model.hooks(fwd_hooks=[(ctx.model.hook_name("embed"), count)]):
+        res = _passes(ctx)
+    return res, seen[0]
+
+
+def _passes(ctx) -> dict:
+    rows = torch.arange(1, 10)
+    pp = path_patch_to_queries(ctx, [(0, h) for h in range(4)], [(1, 0), (1, 2)], rows=rows, progress=False)
+    det = head_detector_scores(ctx.model, n_seqs=5, seq_len=12, seed=3, dist=ctx.dist)
+    one = head_detector_scores(ctx.model, n_seqs=1, seq_len=12, seed=4, dist=ctx.dist)
+    return {"pass_direct_effects": head_direct_effects(ctx), "pass_direct_effects_rows": head_direct_effects(ctx, rows),
+            **{f"pass_attr_{k}": v for k, v in attribution_by_position(ctx).items()},
+            **{f"pass_attr_rows_{k}": v for k, v in attribution_by_position(ctx, rows).items()},
+            "pass_path_patching_rows": torch.tensor(list(pp.values())),
+            **{f"pass_detector_{k}": v for k, v in det.items()}, "pass_detector_one_seq": one["induction"]}
+
+
 def main(out: str) -> None:
     d = distributed.init()
     model, ctx, nodes, senders = setup()
@@ -78,7 +112,11 @@ def main(out: str) -> None:
     }
     ld, est = sharded_circuit_attribution(ctx, CIRCUIT)
     res["attr_ld"], res["attr_est"] = torch.tensor(ld), est
-    res.update(context_metrics(setup(ShardedIOIContext)[1]))
+    sharded_ctx = setup(ShardedIOIContext)[1]
+    res.update(context_metrics(sharded_ctx))
+    passes, seen = pass_results(sharded_ctx)
+    res.update(passes)
+    res["pass_rows_seen"] = torch.tensor(d.all_gather_object(seen))
     if d.is_main:
         save_file({k: v.float().contiguous() for k, v in res.items()}, str(Path(out) / "sharded.safetensors"))
     d.log.info("patching done")
