@@ -146,9 +146,12 @@ def test_bad_explainer_settings_fail_before_the_model_loads(monkeypatch, capsys)
     monkeypatch.setattr(tdb_lens.loading, "load", no_load)
     for argv, reason in ((["--explainer", "ftp://x"], "--explainer must be"), (["--explainer", "local,top-tokens"],
                          "takes one explainer"), (["--scores", "vibes"], "--scores: unknown"),
-                         (["--simulator", "json"], "needs an OpenAI-compatible")):
+                         (["--simulator", "json"], "needs an OpenAI-compatible"),
+                         (["--explainer", "openai:nourl"], "openai:MODEL@BASE_URL"),
+                         (["--explainer", "http://user:sk-in-url@127.0.0.1:9/v1", "--scores", "vibes"], "--scores")):
         assert main(argv) == 2
-        assert reason in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert reason in err and "sk-in-url" not in err
     # one set of explainer flags, shared with tdb-lens explain
     flags = lambda p: {s for a in p._actions for s in a.option_strings}
     shared = {"--explainer", "--n-examples", "--explain-tokens", "--explainer-model", "--api-key-env", "--simulator",

@@ -56,6 +56,11 @@ def check_explainer_options(options: dict) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {options[name]}")
     if options.get("simulator") == "json" and not _is_endpoint(spec):
         raise ValueError("--simulator json needs an OpenAI-compatible --explainer endpoint")
+    if _is_endpoint(spec):  # the URL / openai:MODEL@URL form, as tdb-lens explain checks it (nothing is sent)
+        from ..explain.backends import backend_from_spec
+
+        backend_from_spec(spec, endpoint_model=options.get("explainer_model", "gpt-4o-mini"),
+                          api_key_env=options.get("api_key_env", "OPENAI_API_KEY"))
 
 
 def explaining_from_options(model, options: dict, model_name: str = "model") -> Explaining:
