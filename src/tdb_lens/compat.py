@@ -100,11 +100,14 @@ def from_pretrained(
             return HookedGPT2.from_hf_model(hf_model, tokenizer=tok, **flags).to(dev)
         return HookedGPT2.from_pretrained(model_name, dtype=dtype, device=dev, tokenizer=tok, **flags)
     if hf_model is not None:
-        return process_weights_(HookedLlama.from_hf_model(hf_model, tokenizer=tok), **flags).to(dev)
-    from .loading import load
+        model = HookedLlama.from_hf_model(hf_model, tokenizer=tok)
+    else:
+        from .loading import load
 
-    model = load(model_name) if tok is None else HookedLlama.from_pretrained(model_name, dtype, dev, tok)
-    return process_weights_(model, **flags).to(device=dev, dtype=dtype)
+        model = load(model_name) if tok is None else HookedLlama.from_pretrained(model_name, dtype, dev, tok)
+    if any(flags.values()):  # as GPT-2's loaders: an unprocessed model records nothing
+        model = process_weights_(model, **flags)
+    return model.to(device=dev, dtype=dtype)
 
 
 def from_pretrained_no_processing(model_name: str, **kwargs: Any) -> HookedTransformer:
