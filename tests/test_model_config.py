@@ -169,3 +169,23 @@ def test_compat_picks_the_family_from_the_base_architecture():
     assert isinstance(from_config(ll, seed=0), tdb_lens.HookedLlama)
     with pytest.raises(TypeError, match="from_config takes a GPT2Config or LlamaConfig"):
         from_config(ModelConfig(), seed=0)
+
+
+@pytest.mark.parametrize(("family", "hf", "missing", "noun"), [
+    (GPT2Config, {"n_layer": 1, "n_embd": 8, "vocab_size": 10, "n_positions": 4}, "n_head", "a GPT-2 config"),
+    (LlamaConfig, {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 64}, "num_attention_heads",
+     "a Llama-family config"),
+])
+def test_from_hf_names_a_missing_entry(family, hf, missing, noun):
+    with pytest.raises(tdb_lens.CheckpointError, match=rf"^config\.json has no '{missing}'; {noun} must state it$"):
+        family.from_hf(hf)
+
+
+@pytest.mark.parametrize(("family", "hf", "error"), [
+    (GPT2Config, {"n_layer": 1, "n_head": 2, "n_embd": None, "vocab_size": 10, "n_positions": 4}, "TypeError"),
+    (LlamaConfig, {"num_hidden_layers": 1, "num_attention_heads": 0, "hidden_size": 64, "intermediate_size": 8,
+                   "vocab_size": 10}, "ZeroDivisionError"),
+])
+def test_from_hf_names_impossible_sizes(family, hf, error):
+    with pytest.raises(tdb_lens.CheckpointError, match=rf"^config\.json has impossible sizes \({error}: "):
+        family.from_hf(hf)

@@ -26,10 +26,10 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from ..models.components import KVCache
-from .inputs import MaskArg, PatchRuns, setup_runs
+from .inputs import MaskArg, PatchRuns
 from .metrics import CallableMetric, MetricLike, per_group
 from .nodes import Node, NodeLike
-from .patch_core import chunks, group_by_hook, hook_names, patch_hooks, resolve_nodes, start_layer
+from .patch_core import chunks, group_by_hook, patch_hooks, prepare_node_patching, start_layer
 
 
 @dataclass
@@ -74,25 +74,21 @@ def activation_patch(
     ``min_rows`` rows (a pass costs as much as its earliest start). Nodes without a position
     patch every position. A node's negative positions count from the end of the input.
     """
-    runs = setup_runs(model, clean, corrupted, metric, clean_mask, corrupted_mask)
-    B, P = runs.corrupted.shape
-    node_list = resolve_nodes(model, nodes, P)
+    setup = prepare_node_patching(model, clean, corrupted, metric, nodes, clean_mask, corrupted_mask)
+    runs, node_list = setup.runs, setup.nodes
+    B = runs.batch
     starts = [start_layer(model, n) for n in node_list]
-    names = hook_names(node_list)
     with torch.no_grad():
-        clean_logits, clean_cache = model.run_with_cache(runs.clean, attention_mask=runs.clean_mask, names_filter=names)
         base = corrupted_run(model, runs)
-        runs.set_baselines(clean_logits, runs.metric(base.logits))
-        sources = {n: clean_cache[n] for n in names}
+        runs.set_baselines(setup.clean_logits, runs.metric(base.logits))
         out = torch.empty(len(node_list))
         passes = plan_passes(node_list, starts, B, batch_rows, min_rows, fast)
         for layer, chunk in tqdm(passes, desc="activation patching", disable=not progress, leave=False):
             groups = group_by_hook([node_list[i] for i in chunk], range(len(chunk)))
             start = 0 if layer is None else min(node_list[i].pos or 0 for i in chunk)
-            vals = _run_pass(model, runs, base, groups, sources, len(chunk), layer, start)
+            vals = _run_pass(model, runs, base, groups, setup.clean_acts, len(chunk), layer, start)
             out[torch.tensor(chunk)] = vals.float().cpu()
-    res = runs.normalise(out) if normalise else out
-    return (res, runs) if return_runs else res
+    return setup.result(runs.normalise(out) if normalise else out, return_runs)
 
 
 def plan_passes(nodes: list[Node], starts: list[Optional[int]], B: int, batch_rows: int, min_rows: int,

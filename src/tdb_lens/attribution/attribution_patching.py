@@ -16,10 +16,10 @@ import torch
 from jaxtyping import Float
 
 from .gradients import metric_objective, run_with_grads
-from .inputs import MaskArg, PatchRuns, setup_runs
+from .inputs import MaskArg, PatchRuns
 from .metrics import MetricLike
 from .nodes import NodeLike
-from .patch_core import hook_names, resolve_nodes
+from .patch_core import prepare_node_patching
 
 
 def attribution_patch(
@@ -38,18 +38,14 @@ def attribution_patch(
     Unnormalised values are ``metric(corrupted) + estimated change``, in the metric's units, as
     `activation_patch` returns with ``normalise=False``.
     """
-    runs = setup_runs(model, clean, corrupted, metric, clean_mask, corrupted_mask)
-    node_list = resolve_nodes(model, nodes, runs.corrupted.shape[1])
-    names = hook_names(node_list)
-    with torch.no_grad():
-        clean_logits, clean_cache = model.run_with_cache(runs.clean, attention_mask=runs.clean_mask, names_filter=names)
+    setup = prepare_node_patching(model, clean, corrupted, metric, nodes, clean_mask, corrupted_mask)
+    runs, names = setup.runs, setup.names
     grun = run_with_grads(model, runs.corrupted, metric_objective(runs.metric), names, runs.corrupted_mask)
-    runs.set_baselines(clean_logits, grun.values)
+    runs.set_baselines(setup.clean_logits, grun.values)
     # a scalar metric: the gradient is already of the batch value
     b = 1 if grun.values.ndim == 0 else runs.batch
     with torch.no_grad():
-        change = {n: grun.change(n, clean_cache[n]) for n in names}  # per entry, then each node sums its slice
+        change = {n: grun.change(n, setup.clean_acts[n]) for n in names}  # per entry, then each node sums its slice
         out = torch.stack([n.select(change[n.hook_name]).reshape(runs.batch, -1).sum(-1).sum() / b
-                           for n in node_list]).float().cpu()
-    res = out / runs.denominator() if normalise else out + runs.corrupted_value
-    return (res, runs) if return_runs else res
+                           for n in setup.nodes]).float().cpu()
+    return setup.result(out / runs.denominator() if normalise else out + runs.corrupted_value, return_runs)

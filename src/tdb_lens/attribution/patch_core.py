@@ -2,7 +2,8 @@
 node's source values into the rows of a batched pass.
 
 Activation patching (`activation_patching`), its first-order estimate (`attribution_patching`) and
-path patching (`path_patching`) are thin front-ends over this module and `inputs.PatchRuns`.
+path patching (`path_patching`) are thin front-ends over this module and `inputs.PatchRuns`; the
+first two take the same arguments and start the same way (`prepare_node_patching`).
 
 A batched pass repeats the base batch once per patch along the batch axis: rows ``j*B .. j*B+B-1``
 carry patch ``j``, and one hook per hook point writes every patch's values into its rows at once.
@@ -13,12 +14,18 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Optional, TypeVar
 
 import torch
+from jaxtyping import Float
 
 from ..hooks import HookPoint
+from .inputs import MaskArg, PatchRuns, setup_runs
+from .metrics import MetricLike
 from .nodes import Node, NodeLike, as_nodes
+
+R = TypeVar("R")
 
 
 def normalise_position(node: Node, n_pos: int) -> Node:
@@ -48,6 +55,34 @@ def hook_names(nodes: Sequence[Node]) -> list[str]:
 def start_layer(model: Any, node: Node) -> Optional[int]:
     """The first block a patch of ``node`` touches (None: before the blocks, run everything)."""
     return model.hook_layout(node.hook_name).layer
+
+
+@dataclass
+class NodePatching:
+    """What activation and attribution patching share before they differ: the tokenised pair (baselines
+    not yet set), the nodes with absolute positions, their hook points and the clean run there."""
+
+    runs: PatchRuns
+    nodes: list[Node]
+    names: list[str]  # the nodes' distinct hook points, sorted
+    clean_logits: Float[torch.Tensor, "batch pos vocab"]
+    clean_acts: dict[str, torch.Tensor]  # hook name -> the clean run's activation
+
+    def result(self, values: R, return_runs: bool) -> R | tuple[R, PatchRuns]:
+        """A front-end's return value: ``values``, or ``(values, runs)`` when ``return_runs``."""
+        return (values, self.runs) if return_runs else values
+
+
+def prepare_node_patching(model: Any, clean: Any, corrupted: Any, metric: MetricLike, nodes: Sequence[NodeLike],
+                          clean_mask: MaskArg = None, corrupted_mask: MaskArg = None) -> NodePatching:
+    """The shared argument handling of `activation_patch` and `attribution_patch`: both inputs tokenised
+    (same shape), the nodes resolved against them, and one clean pass caching the nodes' hook points."""
+    runs = setup_runs(model, clean, corrupted, metric, clean_mask, corrupted_mask)
+    node_list = resolve_nodes(model, nodes, runs.corrupted.shape[1])
+    names = hook_names(node_list)
+    with torch.no_grad():
+        clean_logits, cache = model.run_with_cache(runs.clean, attention_mask=runs.clean_mask, names_filter=names)
+    return NodePatching(runs, node_list, names, clean_logits, {n: cache[n] for n in names})
 
 
 def group_by_hook(nodes: Sequence[Node], patch_of: Sequence[int]) -> dict[str, list[tuple[int, Node]]]:

@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, TypeVar
+
+from .hub import CheckpointError
+
+C = TypeVar("C", bound="ModelConfig")
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,8 @@ class ModelConfig:
 
     #: the family's fixed TransformerLens fields (set by each family)
     architecture: ClassVar[TLArchitecture]
+    #: what `from_hf` calls the family in its errors ("a GPT-2 config must state it")
+    family_name: ClassVar[str]
     #: fields that must be positive integers / finite numbers > 0, in the order they are checked
     _positive_ints: ClassVar[tuple[str, ...]] = ("n_layers", "n_heads", "d_model", "d_mlp", "d_vocab", "n_ctx")
     _positive_floats: ClassVar[tuple[str, ...]] = ("eps",)
@@ -86,6 +92,21 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{cls}.{name} is {value!r}; expected a finite number > 0")
+
+    @classmethod
+    def from_hf(cls: type[C], hf: dict) -> C:
+        """From a Hugging Face ``config.json`` dict; a missing or impossible entry raises ValueError naming it."""
+        try:
+            return cls._from_hf(hf)
+        except KeyError as e:
+            raise CheckpointError(f"config.json has no {e.args[0]!r}; a {cls.family_name} config must state it") from None
+        except (TypeError, ZeroDivisionError) as e:
+            raise CheckpointError(f"config.json has impossible sizes ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from_hf(cls: type[C], hf: dict) -> C:
+        """The family's reading of ``config.json`` (a missing key may raise KeyError)."""
+        raise NotImplementedError(f"{cls.__name__} does not read Hugging Face configs")
 
     @property
     def d_head(self) -> int:

@@ -21,7 +21,7 @@ from ..tokenizer import Tokenizer, gpt2_tokenizer
 from .components import MLP, Attention, Block, Blocks, ForwardContext, LayerNorm
 from .config import ModelConfig, TLArchitecture
 from .engine import HookedTransformer
-from .hub import CheckpointError, DictSource, TensorSource, load_state_into, read_config, resolve_checkpoint, safetensors_files
+from .hub import DictSource, TensorSource, load_state_into, read_config, resolve_checkpoint, safetensors_files
 
 GPT2_NAMES = {
     "gpt2": "openai-community/gpt2",
@@ -37,6 +37,7 @@ GPT2_NAMES = {
 class GPT2Config(ModelConfig):
     """GPT-2's sizes (`ModelConfig`'s fields; defaults: GPT-2 small); ``d_head`` is ``d_model // n_heads``."""
 
+    family_name = "GPT-2"
     architecture = TLArchitecture(act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard",
                                   gated_mlp=False, original_architecture="GPT2LMHeadModel", default_prepend_bos=True)
 
@@ -44,14 +45,6 @@ class GPT2Config(ModelConfig):
         super().__post_init__()
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-
-    @classmethod
-    def from_hf(cls, hf: dict) -> GPT2Config:
-        """From a Hugging Face ``config.json`` dict; a missing or impossible entry raises ValueError naming it."""
-        try:
-            return cls._from_hf(hf)
-        except KeyError as e:
-            raise CheckpointError(f"config.json has no {e.args[0]!r}; a GPT-2 config must state it") from None
 
     @classmethod
     def _from_hf(cls, hf: dict) -> GPT2Config:
