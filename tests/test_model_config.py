@@ -154,6 +154,9 @@ def test_family_defaults_of_shared_fields():
     with pytest.raises(TypeError, match=r"defaults= names \['n_layer'\], which are not ModelConfig fields"):
         class Wrong(ModelConfig, defaults={"n_layer": 1}):
             pass
+    with pytest.raises(TypeError, match="n_layers is declared in the class body and given in defaults="):
+        class Twice(ModelConfig, defaults={"n_layers": 1}):
+            n_layers: int = 3
 
 
 def test_compat_picks_the_family_from_the_base_architecture():

@@ -79,7 +79,9 @@ class ModelConfig:
             own = {}
             cls.__annotations__ = own
         for name, value in defaults.items():
-            own.setdefault(name, shared[name].type)
+            if name in own:
+                raise TypeError(f"{cls.__name__}: {name} is declared in the class body and given in defaults=; pick one")
+            own[name] = shared[name].type
             setattr(cls, name, value)
 
     def __post_init__(self) -> None:
