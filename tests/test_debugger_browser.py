@@ -1,7 +1,7 @@
 """The debugger in a real browser (Debian's chromium driven by Playwright) against uvicorn on
 127.0.0.1: enter a prompt, wait for the node table, trace a head through its query, ablate a node
-and see the diff column, open a unit page, run a search (real MiniLM embeddings). Screenshots go
-to the test's tmp_path."""
+and see the diff column, open a unit page, run a search (real MiniLM embeddings), explain and score
+the unit, steer it by a quantile. Screenshots go to the test's tmp_path."""
 
 from __future__ import annotations
 
@@ -107,7 +107,27 @@ def test_browser_workflow(server, tmp_path):
         assert "cities in Europe" in page.inner_text("#unit-page")
         assert page.locator("#unit-page .example").count() >= 3
         page.screenshot(path=str(shots / "5-unit-page.png"), full_page=True)
+
+        # explain and score this unit: the score is shown, and the unit page lists it with the explanation
+        n_expl = page.locator("#unit-page .explanation").count()
+        page.click("#explain")
+        page.wait_for_function("document.querySelector('#explain-out') && "
+                               "document.querySelector('#explain-out').innerText.includes('correlation')")
+        out = page.inner_text("#explain-out")
+        assert "top-tokens" in out and "scored by likelihood:" in out, out
+        new = page.locator("#unit-page .explanation").all_inner_texts()
+        assert len(new) == n_expl + 1 and any(t.startswith("top-tokens") and "correlation" in t for t in new), new
+        page.screenshot(path=str(shots / "6-explained.png"), full_page=True)
+
+        # steer by a quantile of the unit's harvested activations
+        page.fill("#steer-node", "L0.N2@-1")
+        page.fill("#steer-quantile", "0.999")
+        page.click("#steer-add")
+        page.wait_for_selector("#interventions .chip:has-text('clamp L0.N2@-1 = quantile 0.999')")
+        page.wait_for_function("document.querySelector('#status').innerText === 'done'")
+        assert page.inner_text("#error") == ""
+        page.screenshot(path=str(shots / "7-steered.png"), full_page=True)
         browser.close()
         assert not errors, errors
-    assert len(list(shots.glob("*.png"))) == 5
+    assert len(list(shots.glob("*.png"))) == 7
     print(f"screenshots in {shots}")
