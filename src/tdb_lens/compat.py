@@ -99,6 +99,7 @@ def from_pretrained(
         if hf_model is not None:
             return HookedGPT2.from_hf_model(hf_model, tokenizer=tok, **flags).to(dev)
         return HookedGPT2.from_pretrained(model_name, dtype=dtype, device=dev, tokenizer=tok, **flags)
+    model: HookedTransformer
     if hf_model is not None:
         model = HookedLlama.from_hf_model(hf_model, tokenizer=tok)
     else:
