@@ -74,3 +74,31 @@ def test_smollm2_trace_and_ablation_equal_hand_written_hooks(smollm2, client):
     with torch.no_grad():
         ref = m(smollm2.run_with_hooks(PROMPT, fwd_hooks=[("blocks.20.attn.hook_z", zero_head)]))
     assert close(r.json()["objective"][1], float(ref[0]))
+
+
+def test_smollm2_explains_with_the_local_explainer(smollm2, tmp_path, monkeypatch):
+    """``tdb-lens debug --explainer local``: SmolLM2 writes the explanation, the likelihood simulator
+    on SmolLM2 scores it, and both are stored (what the store reads back equals the answer)."""
+    from fastapi.testclient import TestClient
+
+    import tdb_lens.loading
+    from tdb_lens.debugger.cli import build, parser
+    from tdb_lens.explain import ExplanationStore, build_corpus, harvest
+    from test_debugger_support import TEXTS
+
+    corpus = build_corpus(smollm2, TEXTS, ctx_len=16, n_windows=10, seed=0)
+    harvest(smollm2, corpus, "blocks.3.mlp.hook_post", tmp_path / "h" / "l3", units=[1], k=5, n_sample=2, n_random=5,
+            n_quantiles=2, batch_size=10, progress=False)
+    monkeypatch.setattr(tdb_lens.loading, "load", lambda name: smollm2)
+    app, _ = build(parser().parse_args(["--explainer", "local", "--db", str(tmp_path / "s.db"),
+                                        "--harvest-dir", str(tmp_path / "h")]))
+    r = TestClient(app).post("/api/explain", json=dict(STATE, node="L3.N1@2"))
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["explainer"] == "llm:local:smollm2-135m" and out["scorer"] == "likelihood:smollm2-135m"
+    assert out["text"] and out["text"] != "(no explanation)"
+    assert -1.0 <= out["scores"]["correlation"] <= 1.0
+    with ExplanationStore(tmp_path / "s.db") as store:
+        row = store.explanations(ids=[out["explanation_id"]])[0]
+    assert row.text == out["text"] and row.explainer == out["explainer"]
+    assert close(row.scores["correlation"], out["scores"]["correlation"])
