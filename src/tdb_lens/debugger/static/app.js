@@ -194,6 +194,7 @@ $("steer-add").onclick = () => {
     value: v === "" ? null : parseFloat(v), quantile: q === "" || v !== "" ? null : parseFloat(q)}]);
   refresh();
 };
-api("/api/info").then((i) => { $("model").textContent = `${i.model}, ${i.n_layers} layers` + (i.store ? ", store" : "") + (i.harvests.length ? `, ${i.harvests.length} harvests` : ""); }).catch(showError);
+api("/api/info").then((i) => { $("model").textContent = `${i.model}, ${i.n_layers} layers` + (i.store ? ", store" : "") + (i.harvests.length ? `, ${i.harvests.length} harvests` : "") +
+  (i.store ? `, explainer ${i.explainer} (${i.scores.join(", ")})` : ""); }).catch(showError);
 loadUrl();
 if (state.prompt) refresh(); else renderState();
