@@ -36,7 +36,7 @@ the flags applied are recorded in ``model.weight_processing``.
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -57,8 +57,10 @@ def _untie_unembed(model: HookedLlama) -> nn.Linear:
         head = nn.Linear(model.cfg.d_model, model.cfg.d_vocab, bias=False, device=w.device, dtype=w.dtype)
         head.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
         model.lm_head = head
-        # a new config object: the caller's (from_config(cfg)) may describe other, still tied models
-        model.cfg = dataclasses.replace(model.cfg, tie_word_embeddings=False)
+        # a copy of the config: the caller's (from_config(cfg)) may describe other, still tied models
+        cfg = copy.copy(model.cfg)
+        cfg.tie_word_embeddings = False
+        model.cfg = cfg
     return model.lm_head
 
 
