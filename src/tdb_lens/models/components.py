@@ -381,6 +381,7 @@ class Block(nn.Module):
         self.ln1, self.attn, self.ln2, self.mlp = ln1, attn, ln2, mlp
         resid = ("batch", "pos", "d_model")
         self.hook_resid_pre = HookPoint(layout("resid", "resid_pre", *resid))
+        self.use_attn_in = self.use_hook_mlp_in = False  # plain flags: the default forward reads only these
         self.register_module("hook_attn_in", None)  # slot: see set_attn_in
         self.hook_q_input = HookPoint(layout("attn", "q_input", "batch", "pos", "head", "d_model"))
         self.hook_k_input = HookPoint(layout("attn", "k_input", "batch", "pos", "kv_head", "d_model"))
@@ -397,7 +398,7 @@ class Block(nn.Module):
 
     def set_split_qkv_input(self, use: bool) -> None:
         """Per-head q/k/v inputs (see `_split_inputs`); ln1's hooks then gain a ``qkv_head`` axis."""
-        if use and self.hook_attn_in is not None:
+        if use and self.use_attn_in:
             raise ValueError(ATTN_IN_CONFLICT)
         self.attn.use_split_qkv_input = use
         self._ln1_head_axis("qkv_head" if use else None)
@@ -421,6 +422,7 @@ class Block(nn.Module):
             raise ValueError(problem)
         self._switch("hook_attn_in", layout("attn", "attn_in", "batch", "pos", "head", "d_model") if use else None)
         self._ln1_head_axis("head" if use else None)
+        self.use_attn_in = use
 
     def set_mlp_in(self, use: bool) -> None:
         """``hook_mlp_in`` [batch, pos, d_model]: a copy of ``hook_resid_mid``, the input of ln2 and the
@@ -429,6 +431,7 @@ class Block(nn.Module):
         if problem:
             raise ValueError(problem)
         self._switch("hook_mlp_in", layout("mlp", "mlp_in", "batch", "pos", "d_model") if use else None)
+        self.use_hook_mlp_in = use
 
     def _switch(self, slot: str, lay: Optional[HookLayout]) -> None:
         if lay is None:
@@ -448,15 +451,15 @@ class Block(nn.Module):
         resid = self.hook_resid_pre(resid)
         if self.attn.use_split_qkv_input:
             attn_out = self.attn(self._split_inputs(resid), ctx)
-        elif self.hook_attn_in is not None:
+        elif self.use_attn_in:
             b, p, m = resid.shape
-            per_head = self.hook_attn_in(resid[:, :, None].expand(b, p, self.attn.n_heads, m).clone())
+            per_head = self.hook_attn_in(resid[:, :, None].expand(b, p, self.attn.n_heads, m).clone())  # type: ignore[misc]
             normed = self.ln1(per_head)
             attn_out = self.attn((normed, normed, normed), ctx)
         else:
             attn_out = self.attn(self.ln1(resid), ctx)
         resid = self.hook_resid_mid(resid + self.hook_attn_out(attn_out))
-        mlp_in = resid if self.hook_mlp_in is None else self.hook_mlp_in(resid.clone())
+        mlp_in = self.hook_mlp_in(resid.clone()) if self.use_hook_mlp_in else resid  # type: ignore[misc]
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mlp_in)))
         return self.hook_resid_post(resid + mlp_out)
 

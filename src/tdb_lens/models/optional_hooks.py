@@ -80,7 +80,7 @@ class OptionalHooksMixin:
         [batch, pos, head, d_model]: (n_heads + 2 n_kv_heads) times the residual's memory.
         Refused while ``use_attn_in`` is on (the two are mutually exclusive)."""
         for b in self.blocks:
-            if use and b.hook_attn_in is not None:
+            if use and b.use_attn_in:
                 raise ValueError(ATTN_IN_CONFLICT)
         for b in self.blocks:
             b.set_split_qkv_input(use)
