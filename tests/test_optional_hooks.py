@@ -297,3 +297,25 @@ def test_config_flags_build_a_model_with_the_hooks_on():
     # the library's own error, or (in this suite) the run-time type checker's, naming the parameter
     with pytest.raises(TypeError, match="use_hook_mlp_in"):
         tdb_lens.HookedTransformerConfig(**kw, act_fn="gelu_new", use_hook_mlp_in="yes")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_mean_ablation_at_the_new_hooks_through_their_layouts(family):
+    """`compute_means` finds the position axis from the layouts; replacing the activations by those
+    means gives TransformerLens' logits under the same hand-written replacement."""
+    from tdb_lens.attribution.ablation import compute_means
+
+    ours, tl = pair(family)
+    switch_on(ours, tl)
+    reference = torch.randint(0, ours.cfg.d_vocab, (5, 9), generator=torch.Generator().manual_seed(8))
+    names = ["blocks.1.hook_attn_in", "blocks.2.hook_mlp_in"]
+    means = compute_means(ours, reference, names)
+    _, cache = ours.run_with_cache(reference, names_filter=names)
+    for name in names:
+        assert means[name].shape == (1,) + tuple(cache[name].shape[1:])
+        assert max_diff(means[name][0], cache[name].mean(0)) < TOL
+    hooks = [(name, (lambda m: lambda x, hook: m.expand_as(x).clone())(means[name])) for name in names]
+    toks = tokens(ours)
+    got, want = ours.run_with_hooks(toks, fwd_hooks=hooks), tl.run_with_hooks(toks, fwd_hooks=hooks)
+    assert max_diff(got, want) < TOL and max_diff(got, ours(toks)) > 1e-2
