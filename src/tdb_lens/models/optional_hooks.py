@@ -129,7 +129,7 @@ class OptionalHooksMixin:
             del self._modules["unembed"]
         self.setup()
 
-    def unembed_hooked(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_vocab"]:
+    def unembed_hooked(self, x: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_vocab"]:
         """The family's ``unembed(x)``, through ``unembed.hook_in`` / ``hook_out`` when they are on."""
         hooks = self._modules.get("unembed")
         if not isinstance(hooks, UnembedHooks):
