@@ -12,11 +12,12 @@ os.environ.setdefault("TDB_LENS_KEEP_FREED_MEMORY", "0")
 # Every annotated function of these packages is checked at run time: jaxtyping's import hook wraps
 # each one so beartype checks its arguments and return value, shapes included (``Float[Tensor,
 # "batch pos d_model"]`` binds its dimension names across the call). Installed before anything
-# imports tdb_lens. (The hook engine and the models validate their inputs themselves, with the
-# messages their tests pin; they are not wrapped.)
+# imports tdb_lens. Public functions that validate their own input (marked
+# `tdb_lens.input_checks.validates_input`) speak first: their parameters are checked after the call
+# (see _typecheck.py), so input their own checks let through still fails.
 from jaxtyping import install_import_hook
 
-TYPECHECKED = ["tdb_lens.attribution", "tdb_lens.sae", "tdb_lens.explain", "tdb_lens.corpus", "tdb_lens.provenance",
+TYPECHECKED = ["tdb_lens.hooks", "tdb_lens.attribution", "tdb_lens.sae", "tdb_lens.explain", "tdb_lens.corpus", "tdb_lens.provenance",
                "tdb_lens.models", "tdb_lens.ioi", "tdb_lens.debugger", "tdb_lens.html", "tdb_lens.patching", "tdb_lens.evals",
                "tdb_lens.utils", "tdb_lens.compat", "tdb_lens.sae_lens_compat", "tdb_lens.distributed", "tdb_lens.tokenizer"]
 install_import_hook(TYPECHECKED, "_typecheck.typecheck")

@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 import torch
 from torch import nn
 
+from ..input_checks import validates_input
 from .layout import HookLayout
 
 HookFn = Callable[..., Optional[torch.Tensor]]
@@ -64,6 +65,23 @@ class LensHandle:
             pass
 
 
+class _GradHooks:
+    """The tensor hook that runs a hook point's backward hooks (those registered when the
+    activation was made and not removed since) on the gradient flowing into it."""
+
+    def __init__(self, hook_point: HookPoint, handles: list[LensHandle]) -> None:
+        self.hook_point, self.handles = hook_point, handles
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        for h in self.handles:
+            if not h.active:  # removed between forward and backward
+                continue
+            out = h.fn(grad, hook=self.hook_point)
+            if out is not None:
+                grad = out
+        return grad
+
+
 class HookPoint(nn.Module):
     """Identity module; its ``name`` is its module path inside the root model.
 
@@ -90,6 +108,7 @@ class HookPoint(nn.Module):
         self.__dict__["splice"] = module
 
     # -- registration -------------------------------------------------------------------------
+    @validates_input
     def add_hook(
         self,
         fn: HookFn,
@@ -185,19 +204,8 @@ class HookPoint(nn.Module):
                     )
                 x = out
         if self._bwd and x.requires_grad:
-            handles = list(self._bwd)
-
-            def _grad_hook(grad: torch.Tensor) -> torch.Tensor:
-                for h in handles:
-                    if not h.active:  # removed between forward and backward
-                        continue
-                    out = h.fn(grad, hook=self)
-                    if out is not None:
-                        grad = out
-                return grad
-
             x = x.view_as(x)  # a fresh node, so the gradient hook sees only this use
-            x.register_hook(_grad_hook)
+            x.register_hook(_GradHooks(self, list(self._bwd)))
         splice = self.__dict__["splice"]
         return x if splice is None else splice(x)
 

@@ -14,13 +14,30 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from ..input_checks import validates_input
 from .cache import ActivationCache
-from .hook_point import HookFn, HookPoint, LensHandle
+from .hook_point import Direction, HookFn, HookPoint, LensHandle
 from .layout import HookLayout
 from .names import unknown_name_error
 
 NameFilter = Union[str, Sequence[str], Callable[[str], bool], None]
 HookSpec = Sequence[tuple[Union[str, Callable[[str], bool]], HookFn]]
+
+
+class _Recorder:
+    """The caching hook: stores ``activation.detach()`` (moved / cast as asked) under
+    ``hook.name + suffix``. One object serves every hook point of a run."""
+
+    def __init__(self, cache: dict[str, torch.Tensor], suffix: str, device: Union[str, torch.device, None],
+                 dtype: torch.dtype | None, remove_batch_dim: bool) -> None:
+        self.cache, self.suffix, self.device, self.dtype = cache, suffix, device, dtype
+        self.remove_batch_dim = remove_batch_dim
+
+    def __call__(self, act: torch.Tensor, hook: HookPoint) -> None:
+        t = act.detach()
+        if self.device is not None or self.dtype is not None:
+            t = t.to(device=self.device, dtype=self.dtype)
+        self.cache[f"{hook.name}{self.suffix}"] = t[0] if self.remove_batch_dim else t
 
 
 class HookedRootModule(nn.Module):
@@ -123,6 +140,7 @@ class HookedRootModule(nn.Module):
     def hook_points(self) -> list[HookPoint]:
         return list(self.hook_dict.values())
 
+    @validates_input
     def resolve_hook_points(self, name: Union[str, Callable[[str], bool]]) -> list[HookPoint]:
         """Hook points named by a string (exact) or selected by a predicate on names."""
         if isinstance(name, str):
@@ -134,6 +152,7 @@ class HookedRootModule(nn.Module):
             return [hp for n, hp in self.hook_dict.items() if name(n)]
         raise TypeError(f"a hook target must be a name or a predicate on names, got {type(name).__name__}")
 
+    @validates_input
     def _names_from_filter(self, names_filter: NameFilter) -> list[str]:
         if names_filter is None:
             return list(self.hook_dict)
@@ -152,6 +171,7 @@ class HookedRootModule(nn.Module):
         return out
 
     # -- adding and removing ------------------------------------------------------------------
+    @validates_input
     def add_hook(
         self,
         name: Union[str, Callable[[str], bool]],
@@ -163,6 +183,7 @@ class HookedRootModule(nn.Module):
         return [hp.add_hook(hook, dir=dir, is_permanent=is_permanent, prepend=prepend)  # type: ignore[arg-type]
                 for hp in self.resolve_hook_points(name)]
 
+    @validates_input
     def add_perma_hook(self, name: Union[str, Callable[[str], bool]], hook: HookFn, dir: str = "fwd") -> list[LensHandle]:
         return self.add_hook(name, hook, dir=dir, is_permanent=True)
 
@@ -175,19 +196,20 @@ class HookedRootModule(nn.Module):
     def n_hooks(self) -> int:
         return sum(hp.n_hooks for hp in self.hook_dict.values())
 
-    @contextlib.contextmanager
+    @validates_input
     def hooks(
         self,
         fwd_hooks: HookSpec = (),
         bwd_hooks: HookSpec = (),
         reset_hooks_end: bool = True,
         clear_contexts: bool = False,
-    ) -> Iterator[HookedRootModule]:
+    ) -> contextlib.AbstractContextManager[HookedRootModule]:
         """Add hooks for the duration of a ``with`` block; remove exactly these on exit.
 
-        All names are resolved before any hook is added, so a bad name changes nothing.
+        All names are resolved here, before any hook is added, so a bad name or hook raises at
+        once and changes nothing.
         """
-        plan: list[tuple[HookPoint, HookFn, str]] = []
+        plan: list[tuple[HookPoint, HookFn, Direction]] = []
         for direction, specs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
             for spec in specs:
                 if not (isinstance(spec, (tuple, list)) and len(spec) == 2):
@@ -196,11 +218,16 @@ class HookedRootModule(nn.Module):
                 if not callable(fn):
                     raise TypeError(f"hook for {target!r} must be callable fn(activation, hook)")
                 for hp in self.resolve_hook_points(target):
-                    plan.append((hp, fn, direction))
+                    plan.append((hp, fn, "fwd" if direction == "fwd" else "bwd"))
+        return self._hooks_added(plan, reset_hooks_end, clear_contexts)
+
+    @contextlib.contextmanager
+    def _hooks_added(self, plan: list[tuple[HookPoint, HookFn, Direction]], reset_hooks_end: bool,
+                     clear_contexts: bool) -> Iterator[HookedRootModule]:
         added: list[LensHandle] = []
         try:
             for hp, fn, direction in plan:
-                added.append(hp.add_hook(fn, dir=direction))  # type: ignore[arg-type]
+                added.append(hp.add_hook(fn, dir=direction))
             yield self
         finally:
             if reset_hooks_end:
@@ -210,6 +237,7 @@ class HookedRootModule(nn.Module):
                     for hp, _, _ in plan:
                         hp.clear_context()
 
+    @validates_input
     def run_with_hooks(
         self,
         *model_args: Any,
@@ -228,6 +256,7 @@ class HookedRootModule(nn.Module):
             return self(*model_args, **model_kwargs)
 
     # -- caching ------------------------------------------------------------------------------
+    @validates_input
     def get_caching_hooks(
         self,
         names_filter: NameFilter = None,
@@ -236,23 +265,19 @@ class HookedRootModule(nn.Module):
         dtype: torch.dtype | None = None,
         remove_batch_dim: bool = False,
         cache: dict[str, torch.Tensor] | None = None,
-    ) -> tuple[dict[str, torch.Tensor], list, list]:
+    ) -> tuple[dict[str, torch.Tensor], list[tuple[Union[str, Callable[[str], bool]], HookFn]],
+               list[tuple[Union[str, Callable[[str], bool]], HookFn]]]:
         cache = {} if cache is None else cache
         names = self._names_from_filter(names_filter)
-
-        def save(key_suffix: str) -> HookFn:
-            def _save(act: torch.Tensor, hook: HookPoint) -> None:
-                t = act.detach()
-                if device is not None or dtype is not None:
-                    t = t.to(device=device, dtype=dtype)
-                cache[hook.name + key_suffix] = t[0] if remove_batch_dim else t  # type: ignore[operator]
-
-            return _save
-
-        fwd = [(n, save("")) for n in names]
-        bwd = [(n, save("_grad")) for n in names] if incl_bwd else []
+        save = _Recorder(cache, "", device, dtype, remove_batch_dim)
+        fwd: list[tuple[Union[str, Callable[[str], bool]], HookFn]] = [(n, save) for n in names]
+        bwd: list[tuple[Union[str, Callable[[str], bool]], HookFn]] = []
+        if incl_bwd:
+            save_grad = _Recorder(cache, "_grad", device, dtype, remove_batch_dim)
+            bwd = [(n, save_grad) for n in names]
         return cache, fwd, bwd
 
+    @validates_input
     def run_with_cache(
         self,
         *model_args: Any,
