@@ -66,15 +66,15 @@ def check_explainer_options(options: dict) -> None:
 def explaining_from_options(model, options: dict, model_name: str = "model") -> Explaining:
     """Explainer, simulator and judge from `tdb_lens.explain.cli.explainer_options`'s fields (one
     explainer), built by the explain pipeline's own functions; a ValueError names a bad setting."""
-    from ..explain.pipeline import ExplainConfig, _explainer, _scorers
+    from ..explain.pipeline import ExplainConfig, make_explainer, make_scorers
 
     check_explainer_options(options)
     scores = tuple(options.get("scores", ("correlation",)))
     # the causal scorer is bound to a hook: built per unit by `explain_unit`
     cfg = ExplainConfig(hook="", model=model_name, progress=False,
                         **dict(options, scores=tuple(m for m in scores if m != "causal") or ("correlation",)))
-    explainer, backend = _explainer(options["explainers"][0], cfg, model)
-    simulator, judge, _, _ = _scorers(cfg, model, [backend])
+    explainer, backend = make_explainer(options["explainers"][0], cfg, model)
+    simulator, judge, _, _ = make_scorers(cfg, model, [backend])
     return Explaining(explainer, simulator, judge, scores)
 
 

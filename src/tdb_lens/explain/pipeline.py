@@ -338,8 +338,8 @@ def _explain_and_store(config: ExplainConfig, model, store: ExplanationStore, re
                        unit_ids: dict[int, int], log) -> tuple[list[int], int, int]:
     from .scoring import score_all
 
-    explainers = [_explainer(spec, config, model) for spec in config.explainers]
-    simulator, judge, causal, scorer_name = _scorers(config, model, [b for _, b in explainers])
+    explainers = [make_explainer(spec, config, model) for spec in config.explainers]
+    simulator, judge, causal, scorer_name = make_scorers(config, model, [b for _, b in explainers])
     ids: list[int] = []
     new = reused = 0
     for spec, (explainer, _) in zip(config.explainers, explainers):
@@ -361,7 +361,9 @@ def _explain_and_store(config: ExplainConfig, model, store: ExplanationStore, re
     return ids, new, reused
 
 
-def _explainer(spec: str, config: ExplainConfig, model):
+def make_explainer(spec: str, config: ExplainConfig, model):
+    """The explainer an ``--explainer`` spec names (``top-tokens``, ``local``, an endpoint URL) and the
+    chat backend behind it (None for ``top-tokens``), as `run_explain` builds it."""
     from .backends import LocalChatBackend, backend_from_spec
     from .explainer import LLMExplainer, TopTokensExplainer
 
@@ -376,7 +378,10 @@ def _explainer(spec: str, config: ExplainConfig, model):
     return LLMExplainer(backend, model.tokenizer, n_examples=config.n_examples, max_tokens=config.explain_tokens), backend
 
 
-def _scorers(config: ExplainConfig, model, backends: list):
+def make_scorers(config: ExplainConfig, model, backends: list):
+    """``(simulator, judge, causal scorer, scorer name)`` for ``config.scores``, as `run_explain`
+    builds them: the simulator of ``config.simulator`` (the likelihood simulator on ``model`` by
+    default), the first endpoint among ``backends`` as the judge (else the local chat model)."""
     from .backends import LocalChatBackend
     from .simulator import simulator_for
 
