@@ -261,3 +261,21 @@ def test_smollm2_processed_keeps_the_log_probs(smollm2):
     print(f"\nSmolLM2 processed vs unprocessed: max |log-prob diff| {err:.2e}")
     assert err < 1e-4
     assert torch.equal(processed.W_E, smollm2.W_E) and smollm2.lm_head is None  # the fixture is not touched
+
+
+@torch.no_grad()
+def test_process_weights_method_equals_transformer_lens_method():
+    """``model.process_weights_()`` with TransformerLens' defaults equals TransformerLens' own method
+    applied to its unprocessed model (GQA + biases + tied embeddings: the Qwen2-style kind)."""
+    hf, tokens, _, _ = reference("qwen2_bias")
+    model = ours("qwen2_bias")
+    assert model.process_weights_() is model
+    tl = make_tl(hf)
+    tl.process_weights_()
+    logits, cache = model.run_with_cache(tokens)
+    tl_logits, tl_cache = tl.run_with_cache(tokens)
+    shared = sorted(set(cache.keys()) & set(tl_cache.keys()))
+    assert len(shared) > 50
+    errs = {name: max_diff(cache[name], tl_cache[name]) for name in shared}
+    errs["logits"] = max_diff(logits, tl_logits)
+    assert max(errs.values()) < TOL, {k: v for k, v in errs.items() if v >= TOL}

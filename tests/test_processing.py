@@ -194,3 +194,22 @@ def test_in_place_processing_matches_pass_through(tmp_path):
 def test_bad_inputs():
     with pytest.raises(TypeError, match="HookedGPT2"):
         process_weights_(torch.nn.Linear(2, 2), fold_ln=True)  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def test_process_weights_method_equals_transformer_lens_method():
+    """``model.process_weights_()`` (TransformerLens' method, its defaults) on an unprocessed model
+    gives TransformerLens' ``process_weights_()`` on its unprocessed model, hook by hook."""
+    hf, tokens, _, _ = reference()
+    model = HookedGPT2.from_hf_model(hf)
+    assert model.process_weights_() is model
+    tl = make_tl(hf)
+    tl.process_weights_()
+    logits, cache = model.run_with_cache(tokens)
+    tl_logits, tl_cache = tl.run_with_cache(tokens)
+    errs = {name: max_diff(cache[name], tl_cache[name]) for name in cache.keys()}
+    errs["logits"] = max_diff(logits, tl_logits)
+    assert max(errs.values()) < TOL, {k: v for k, v in errs.items() if v >= TOL}
+    assert model.weight_processing == {k: True for k in PROCESSING_FLAGS}
+    with pytest.raises(NotImplementedError, match="refactor_factored_attn_matrices"):
+        model.process_weights_(refactor_factored_attn_matrices=True)

@@ -364,6 +364,17 @@ class HookedTransformer(SAEHostMixin, OptionalHooksMixin, HookedRootModule):
 
         return from_pretrained_no_processing(model_name, **kwargs)
 
+    def process_weights_(self, fold_ln: bool = True, center_writing_weights: bool = True, center_unembed: bool = True,
+                         refactor_factored_attn_matrices: bool = False, fold_value_biases: bool = True) -> HookedTransformer:
+        """TransformerLens' ``model.process_weights_()``: its weight simplifications applied in place by this
+        model's family (`tdb_lens.models.processing`); the defaults are TransformerLens'. Returns the model."""
+        if refactor_factored_attn_matrices:
+            raise NotImplementedError("refactor_factored_attn_matrices is not implemented; pass False")
+        from .processing import process_weights_
+
+        return process_weights_(self, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                                center_unembed=center_unembed, fold_value_biases=fold_value_biases)
+
     def _stack_blocks(self, sub: str, attr: str) -> torch.Tensor:
         return torch.stack([getattr(getattr(b, sub), attr) for b in self.blocks])
 
