@@ -17,7 +17,8 @@ os.environ.setdefault("TDB_LENS_KEEP_FREED_MEMORY", "0")
 # (see _typecheck.py), so input their own checks let through still fails.
 from jaxtyping import install_import_hook
 
-TYPECHECKED = ["tdb_lens.hooks", "tdb_lens.attribution", "tdb_lens.sae", "tdb_lens.explain", "tdb_lens.corpus", "tdb_lens.provenance",
+TYPECHECKED = ["tdb_lens.hooks", "tdb_lens.attribution", "tdb_lens.sae", "tdb_lens.explain", "tdb_lens.corpus",
+               "tdb_lens.provenance", "tdb_lens.input_checks",
                "tdb_lens.models", "tdb_lens.ioi", "tdb_lens.debugger", "tdb_lens.html", "tdb_lens.patching", "tdb_lens.evals",
                "tdb_lens.utils", "tdb_lens.compat", "tdb_lens.sae_lens_compat", "tdb_lens.distributed", "tdb_lens.tokenizer"]
 install_import_hook(TYPECHECKED, "_typecheck.typecheck")

@@ -214,7 +214,8 @@ def test_every_shared_hook_matches_transformer_lens(tl_pair):
     expected |= {f"blocks.{l}.{h}" for l in range(n) for h in per_layer}
     assert expected <= set(shared), f"hooks missing from the shared set: {sorted(expected - set(shared))}"
     assert not only_ours, f"hooks only we cache by default: {only_ours}"
-    # transformer_lens 3 also hooks the unembedding's input and output (opt-in here: set_use_unembed_hooks; not in the default set): they
+    # transformer_lens 3 also hooks the unembedding's input and output (opt-in here, set_use_unembed_hooks,
+    # so not in the default set): they
     # are the final-normed residual and the logits, which are checked against ours directly
     assert only_tl == ["unembed.hook_in", "unembed.hook_out"], f"hooks only transformer_lens caches: {only_tl}"
     torch.testing.assert_close(tl_cache["unembed.hook_out"], our_logits, atol=ATOL, rtol=0)
