@@ -11,6 +11,9 @@ the unit's largest activation in it. One pass over the windows keeps, in bounded
   depend on batching, order or the number of workers, so merging is exact;
 - **random windows**: ``n_random`` windows drawn up front with ``seed`` (the same for every unit),
   with activations, for the "random" half of correlation scoring;
+- **the tail**: the ``n_tail`` largest token activations over every harvested token (not windows),
+  with their global token index (ties: lower index first), so that extreme quantiles of the unit's
+  activation distribution are exact (`tdb_lens.explain.quantiles`: the rule and the fallback);
 - **statistics**: token count, sum, sum of squares, max, min, active token and window counts.
 
 Every window's score is also written to disk (``wmax/*.safetensors``, 4 bytes per window and
@@ -59,6 +62,7 @@ from .harvest_state import (
     priorities,
     random_window_ids,
 )
+from .quantiles import ActivationQuantile, unit_quantile
 from .units import UnitSite, unit_activations
 
 __all__ = ["FORMAT_VERSION", "HarvestConfig", "HarvestResult", "UnitRecord", "capture", "harvest", "load_harvest",
@@ -123,6 +127,7 @@ def harvest(
     model_name: Optional[str] = None,
     progress: bool = True,
     identity: Optional[ModelIdentity] = None,
+    n_tail: int = 256,
 ) -> HarvestResult:
     """Harvest ``units`` (default: all) at ``hook`` over ``corpus`` into ``out_dir``; resume if it exists.
 
@@ -140,7 +145,8 @@ def harvest(
     unit_list = list(range(total_units)) if units is None else [int(u) for u in units]
     if unit_list and max(unit_list) >= total_units:
         raise ValueError(f"unit {max(unit_list)} out of range: {hook!r} has {total_units} units")
-    cfg = HarvestConfig(hook, unit_list, k, n_sample, n_random, n_quantiles, float(threshold), batch_size, seed, reduce)
+    cfg = HarvestConfig(hook, unit_list, k, n_sample, n_random, n_quantiles, float(threshold), batch_size, seed, reduce,
+                        n_tail)
     cfg.check()
     ident = identity or model_identity(model, model_name or model_name_of(model))
     site = UnitSite.of(model, hook)
@@ -198,6 +204,7 @@ def _update(state: _State, acts: Float[torch.Tensor, "batch ctx unit"], start: i
             state.rand_acts[:, pos] = per_unit[:, rand_ids[pos] - start]
             state.rand_have[pos] = True
     flat = acts.reshape(-1, n)
+    state.update_tail(flat.T, torch.arange(start * C, (start + B) * C, dtype=torch.long))
     state.n_tokens += flat.shape[0]
     state.act_sum += flat.sum(0, dtype=torch.float64)
     state.act_sqsum += flat.square().sum(0, dtype=torch.float64)
@@ -205,6 +212,12 @@ def _update(state: _State, acts: Float[torch.Tensor, "batch ctx unit"], start: i
     state.act_min = torch.minimum(state.act_min, flat.amin(0))
     state.n_active += (flat > cfg.threshold).sum(0)
     state.n_active_windows += active.sum(0)
+
+
+def _config_of(manifest: dict) -> dict:
+    """A manifest's harvest config; harvests made before the tail existed kept none (``n_tail`` 0)."""
+    cfg = manifest.get("config")
+    return {**cfg, "n_tail": cfg.get("n_tail", 0)} if isinstance(cfg, dict) else {}
 
 
 def _check_or_write_manifest(out: Path, manifest: dict, corpus: Corpus) -> None:
@@ -227,8 +240,11 @@ def _check_or_write_manifest(out: Path, manifest: dict, corpus: Corpus) -> None:
             raise ValueError(f"{out} holds a harvest made with other modules spliced into the model (SAEs: digest "
                              f"{old.get('splice_digest') or 'none'!s:.12} vs {manifest['splice_digest'] or 'none'!s:.12}): "
                              f"harvest into another directory, or delete {out} to start over")
+        if manifest["config"]["n_tail"] and "n_tail" not in (old.get("config") or {}):
+            raise ValueError(f"{out} holds a harvest made without a per-token tail (by an older tdb_lens): pass "
+                             f"n_tail=0 (tdb-lens explain --tail 0) to reuse it, or delete {out} to harvest again with one")
         for key in ("format", "config", "corpus"):
-            if old.get(key) != manifest[key]:
+            if (_config_of(old) if key == "config" else old.get(key)) != manifest[key]:
                 raise ValueError(
                     f"{out} holds a different harvest ({key} differs: {old.get(key)} vs {manifest[key]}); "
                     "use another directory or delete it to start over"
@@ -293,6 +309,8 @@ class HarvestResult:
     complete: bool
     directories: list[str]
     done_batches: list[int]
+    tail_values: torch.Tensor         # [n, T] the T largest token activations, descending (-inf = empty)
+    tail_tokens: torch.Tensor         # [n, T] their global token index: window * ctx_len + pos (-1 = empty)
 
     @property
     def hook(self) -> str:
@@ -328,6 +346,11 @@ class HarvestResult:
             sample_acts=self.sample_acts[i][sk], sample_bins=self.sample_bins[i][sk].tolist(),
             quantile_edges=self.quantile_edges[i].tolist(), stats=st,
         )
+
+    def quantile(self, unit: int, q: float) -> ActivationQuantile:
+        """The ``q`` quantile of ``unit``'s activation over every harvested token: exact from the tail
+        when it covers ``q``, else from the random windows' tokens (`tdb_lens.explain.quantiles`)."""
+        return unit_quantile(self, unit, q)
 
     def records(self) -> list[UnitRecord]:
         return [self.record(u) for u in self.units]
@@ -386,9 +409,10 @@ def load_harvest(*directories: Union[str, os.PathLike]) -> HarvestResult:
     m0 = manifests[0]
     for d, m in zip(dirs[1:], manifests[1:]):
         for key in ("format", "config", "corpus", "model", "model_digest", "splice_digest"):
-            if m.get(key) != m0.get(key):
-                raise ValueError(f"cannot merge {dirs[0]} and {d}: their {key} differ ({m0.get(key)} vs {m.get(key)})")
-    cfg = HarvestConfig(**m0["config"])
+            a, b = (_config_of(m0), _config_of(m)) if key == "config" else (m0.get(key), m.get(key))
+            if a != b:
+                raise ValueError(f"cannot merge {dirs[0]} and {d}: their {key} differ ({a} vs {b})")
+    cfg = HarvestConfig(**_config_of(m0))
     tokens = load_file(str(dirs[0] / "corpus.safetensors"))["tokens"].to(torch.long)
     state: Optional[_State] = None
     batches_per_dir: list[int] = []
@@ -439,7 +463,7 @@ def load_harvest(*directories: Union[str, os.PathLike]) -> HarvestResult:
         top_windows=state.top_win, top_acts=state.top_acts, sample_windows=samp_win, sample_values=state.samp_val,
         sample_acts=state.samp_acts, sample_bins=bins, quantile_edges=edges, random_windows=rand_ids[have],
         random_acts=state.rand_acts[:, have], stats=stats, complete=complete, directories=[str(d) for d in dirs],
-        done_batches=list(state.done),
+        done_batches=list(state.done), tail_values=state.tail_val, tail_tokens=state.tail_idx,
     )
 
 

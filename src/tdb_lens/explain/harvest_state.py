@@ -1,5 +1,6 @@
 """The running state of a harvest (`tdb_lens.explain.harvest`): top-k windows, a uniform sample
-of active windows, random windows and statistics per unit, saved to safetensors and merged exactly.
+of active windows, random windows, the per-token tail (the ``n_tail`` largest token activations)
+and statistics per unit, saved to safetensors and merged exactly.
 
 Nothing is pickled: tensors go to safetensors, the rest (done batches) to JSON metadata.
 """
@@ -34,13 +35,15 @@ class HarvestConfig:
     batch_size: int = 32
     seed: int = 0
     reduce: str = "auto"
+    n_tail: int = 256  # largest token activations kept per unit (0: none), for exact extreme quantiles
 
     def check(self) -> None:
         for name in ("k", "n_sample", "n_quantiles", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_random < 0:
-            raise ValueError(f"n_random must be >= 0, got {self.n_random}")
+        for name in ("n_random", "n_tail"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.units:
             raise ValueError("no units to harvest")
         if len(set(self.units)) != len(self.units) or min(self.units) < 0:
@@ -70,6 +73,7 @@ def random_window_ids(n_windows: int, n_random: int, seed: int) -> Int[torch.Ten
 # ---- the running state -----------------------------------------------------------------------
 _STATE_KEYS = ("top_val", "top_win", "top_acts", "samp_key", "samp_val", "samp_acts", "rand_acts", "rand_have",
                "n_tokens", "act_sum", "act_sqsum", "act_max", "act_min", "n_active", "n_active_windows")
+_TAIL_KEYS = ("tail_val", "tail_idx")  # absent in states of harvests made before the tail existed
 
 
 @dataclass
@@ -89,6 +93,8 @@ class _State:
     act_min: torch.Tensor      # [n]
     n_active: torch.Tensor     # [n] int64 tokens above threshold
     n_active_windows: torch.Tensor  # [n] int64
+    tail_val: torch.Tensor     # [n, T] the T largest token activations, descending; -inf = empty
+    tail_idx: torch.Tensor     # [n, T] their global token index (window * ctx + pos); -1 = empty
     done: list[int] = field(default_factory=list)
 
     @classmethod
@@ -104,10 +110,11 @@ class _State:
             act_sqsum=torch.zeros(n, dtype=torch.float64), act_max=torch.full((n,), float("-inf")),
             act_min=torch.full((n,), float("inf")), n_active=torch.zeros(n, dtype=torch.long),
             n_active_windows=torch.zeros(n, dtype=torch.long),
+            tail_val=torch.full((n, cfg.n_tail), float("-inf")), tail_idx=torch.full((n, cfg.n_tail), -1, dtype=torch.long),
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k).contiguous() for k in _STATE_KEYS}
+        return {k: getattr(self, k).contiguous() for k in _STATE_KEYS + _TAIL_KEYS}
 
     def save(self, path: Path) -> None:
         _atomic_save(self.tensors(), path, {"done": json.dumps(sorted(self.done)), "format": str(FORMAT_VERSION)})
@@ -117,7 +124,11 @@ class _State:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in _STATE_KEYS}
-        return cls(**tensors, done=json.loads(meta.get("done", "[]")))
+            have = set(f.keys())
+            n = tensors["top_val"].shape[0]
+            tail = {k: f.get_tensor(k) if k in have else torch.empty(n, 0, dtype=dt)
+                    for k, dt in zip(_TAIL_KEYS, (torch.float32, torch.long))}
+        return cls(**tensors, **tail, done=json.loads(meta.get("done", "[]")))
 
     # -- updates --------------------------------------------------------------------------------
     def update_top(self, val: Float[torch.Tensor, "unit m"], win: Int[torch.Tensor, "unit m"],
@@ -135,6 +146,27 @@ class _State:
         ca = torch.cat([self.top_acts, acts], 1)
         self.top_acts = ca.gather(1, idx[:, :, None].expand(-1, -1, ca.shape[2]))
 
+    def update_tail(self, val: Float[torch.Tensor, "unit token"], idx: Int[torch.Tensor, " token"]) -> None:
+        """Fold one batch's token activations ``val [n, m]`` (global token indices ``idx``, ascending)
+        into the tail: the batch's own top T first (a stable sort keeps equal values in index order)."""
+        T = self.tail_val.shape[1]
+        if T == 0 or val.shape[1] == 0:
+            return
+        order = torch.argsort(val, dim=1, descending=True, stable=True)[:, :T]
+        self.merge_tail(val.gather(1, order), idx[order])
+
+    def merge_tail(self, val: Float[torch.Tensor, "unit m"], idx: Int[torch.Tensor, "unit m"]) -> None:
+        """Merge candidates into the tail; order: value descending, then token index ascending (empty
+        slots last), so the kept set does not depend on batching, order or the number of workers."""
+        T = self.tail_val.shape[1]
+        cv = torch.cat([self.tail_val, val], 1)
+        ci = torch.cat([self.tail_idx, idx], 1)
+        o1 = torch.argsort(torch.where(ci < 0, torch.iinfo(torch.long).max, ci), dim=1, stable=True)
+        o2 = torch.argsort(cv.gather(1, o1), dim=1, descending=True, stable=True)
+        keep = o1.gather(1, o2)[:, :T]
+        self.tail_val = cv.gather(1, keep)
+        self.tail_idx = ci.gather(1, keep)
+
     def update_sample(self, key: Int[torch.Tensor, "unit m"], val: Float[torch.Tensor, "unit m"],
                       acts: Float[torch.Tensor, "unit m ctx"]) -> None:
         S = self.samp_key.shape[1]
@@ -151,6 +183,10 @@ class _State:
             raise ValueError(f"cannot merge harvests that both processed batches {sorted(overlap)[:5]}")
         self.update_top(other.top_val, other.top_win, other.top_acts)
         self.update_sample(other.samp_key, other.samp_val, other.samp_acts)
+        if self.tail_val.shape[1] != other.tail_val.shape[1]:
+            raise ValueError(f"cannot merge harvests keeping tails of {self.tail_val.shape[1]} and "
+                             f"{other.tail_val.shape[1]} token activations per unit")
+        self.merge_tail(other.tail_val, other.tail_idx)
         have = other.rand_have
         self.rand_acts[:, have] = other.rand_acts[:, have]
         self.rand_have = self.rand_have | have
