@@ -1,6 +1,7 @@
 """Harvesting against brute force over the whole activation matrix; crash + resume; worker merge."""
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -208,8 +209,100 @@ def test_two_workers_merge_to_one_run(model, corpus, tmp_path):
 
 def _assert_same(a, b):
     for name in ("top_values", "top_windows", "top_acts", "sample_windows", "sample_values", "sample_acts",
-                 "sample_bins", "quantile_edges", "random_windows", "random_acts"):
+                 "sample_bins", "quantile_edges", "random_windows", "random_acts", "tail_values", "tail_tokens"):
         x, y = getattr(a, name), getattr(b, name)
         assert torch.equal(torch.nan_to_num(x.float(), nan=-7.0), torch.nan_to_num(y.float(), nan=-7.0)), name
     for k in a.stats:
         torch.testing.assert_close(a.stats[k], b.stats[k], rtol=1e-6, atol=1e-6)
+
+
+# ---- the per-token tail and exact quantiles ----------------------------------------------------
+def _tail_by_hand(flat: torch.Tensor, t: int) -> list[list[int]]:
+    """Each unit's ``t`` largest token activations: value descending, then token index ascending."""
+    return [sorted(range(flat.shape[0]), key=lambda j: (-float(flat[j, i]), j))[:t] for i in range(flat.shape[1])]
+
+
+@pytest.mark.parametrize("hook, units", [(HOOK, [0, 5, 17, 40]), ("hook_embed", [0, 3, 31])])
+def test_tail_is_the_top_tokens_of_every_harvested_token(model, corpus, tmp_path, hook, units):
+    """The tail equals torch.topk over every token activation recomputed with run_with_cache, with
+    ties (the embedding of the BOS token that starts every window) broken by the lower token index."""
+    T = 64
+    res = harvest(model, corpus, hook, tmp_path / "t", units=units, **{**KW, "n_tail": T})
+    flat = brute_force(model, corpus, hook, units).reshape(-1, len(units))  # [N * C, n]: token w * C + c
+    assert int(res.stats["n_tokens"]) == flat.shape[0] == N_WIN * CTX
+    assert res.tail_values.shape == res.tail_tokens.shape == (len(units), T)
+    torch.testing.assert_close(res.tail_values, torch.topk(flat.T, T, dim=1).values, rtol=0, atol=0)
+    assert res.tail_tokens.tolist() == _tail_by_hand(flat, T)
+    torch.testing.assert_close(res.tail_values, flat.T.gather(1, res.tail_tokens), rtol=0, atol=0)
+    if hook == "hook_embed":  # the test exercises ties
+        tv = res.tail_values
+        assert bool((tv[:, 1:] == tv[:, :-1]).any())
+
+
+def test_quantiles_exact_from_the_tail_else_the_named_sample(model, corpus, tmp_path):
+    """Rule: with N tokens and a tail of T, q is exact when (1 - q)(N - 1) <= T - 1; it then equals
+    torch.quantile over every recomputed activation; below, the random windows' tokens are used."""
+    from tdb_lens.explain.quantiles import min_exact_quantile
+
+    units, T = [0, 5, 17], 64
+    res = harvest(model, corpus, HOOK, tmp_path / "q", units=units, **{**KW, "n_tail": T})
+    A = brute_force(model, corpus, HOOK, units)
+    flat = A.reshape(-1, len(units)).double()
+    N = flat.shape[0]
+    q_min = min_exact_quantile(N, T)
+    assert q_min == (N - T) / (N - 1) and 0.88 < q_min < 0.89
+    rids = random_window_ids(N_WIN, KW["n_random"], KW["seed"])
+    for i, u in enumerate(units):
+        for q in (0.99, 0.999, q_min, 0.95):
+            est = res.quantile(u, q)
+            assert est.exact and est.n_tokens == N and est.describe() == f"q={q:g} of {N:,} tokens (exact)"
+            assert abs(est.value - float(torch.quantile(flat[:, i], q))) <= 1e-6, (u, q)
+        for q in (0.5, 0.88):  # below the rule: the random windows' tokens, and the reason
+            est = res.quantile(u, q)
+            sample = A[rids, :, i].reshape(-1)
+            assert not est.exact and est.n_used == sample.numel() == KW["n_random"] * CTX
+            assert math.isclose(est.value, float(torch.quantile(sample, q)), rel_tol=1e-6, abs_tol=1e-7)
+            assert f"sample of {sample.numel()} tokens" in est.describe() and f"below q={q_min:.6g}" in est.reason
+    # a tail holding every token answers every quantile
+    whole = harvest(model, corpus, HOOK, tmp_path / "w", units=units, **{**KW, "n_tail": N + 5})
+    for q in (0.01, 0.5, 0.999):
+        assert abs(whole.quantile(17, q).value - float(torch.quantile(flat[:, 2], q))) <= 1e-6
+    with pytest.raises(ValueError, match=r"quantile must be a number in \(0, 1\)"):
+        res.quantile(0, 1.0)
+    with pytest.raises(ValueError, match="n_tail must be >= 0"):
+        harvest(model, corpus, HOOK, tmp_path / "bad", units=units, **{**KW, "n_tail": -1})
+    assert not (tmp_path / "bad").exists()
+
+
+def test_harvest_without_a_tail_loads_and_falls_back(model, corpus, tmp_path):
+    """A directory written before the tail existed (no tail tensors, no n_tail in the manifest) loads;
+    quantiles come from the sample and say why; resuming it asks for n_tail=0 or a new directory."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    units = [4, 9]
+    new = harvest(model, corpus, HOOK, tmp_path / "new", units=units, **KW)
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "new", old)
+    man = json.loads((old / "manifest.json").read_text())
+    del man["config"]["n_tail"]
+    (old / "manifest.json").write_text(json.dumps(man))
+    sp = str(old / "worker-0-of-1/state.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(sp, framework="pt") as f:
+        meta = f.metadata()
+    save_file({k: v for k, v in load_file(sp).items() if not k.startswith("tail_")}, sp, metadata=meta)
+    res = load_harvest(old)
+    assert res.config.n_tail == 0 and res.tail_values.shape == (2, 0)
+    est = res.quantile(9, 0.999)
+    assert not est.exact and "no per-token tail" in est.reason
+    rids = random_window_ids(N_WIN, KW["n_random"], KW["seed"])
+    sample = brute_force(model, corpus, HOOK, units)[rids, :, 1].reshape(-1)
+    assert math.isclose(est.value, float(torch.quantile(sample, 0.999)), rel_tol=1e-6, abs_tol=1e-7)
+    assert new.quantile(9, 0.999).exact
+    with pytest.raises(ValueError, match=r"without a per-token tail.*n_tail=0"):
+        harvest(model, corpus, HOOK, old, units=units, **KW)
+    again = harvest(model, corpus, HOOK, old, units=units, **{**KW, "n_tail": 0})
+    assert again.complete and torch.equal(again.top_values, new.top_values)

@@ -20,15 +20,12 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Any, Optional
 
 import torch
 from jaxtyping import Float, Int
 
-if TYPE_CHECKING:
-    from .harvest import HarvestResult
-
-__all__ = ["ActivationQuantile", "exact_from_tail", "min_exact_quantile", "unit_quantile"]
+__all__ = ["ActivationQuantile", "exact_from_tail", "min_exact_quantile", "quantile_coverage", "unit_quantile"]
 
 
 @dataclass(frozen=True)
@@ -85,9 +82,10 @@ def _valid_tail(values: Float[torch.Tensor, " t"], tokens: Int[torch.Tensor, " t
     return values[tokens >= 0]
 
 
-def unit_quantile(result: HarvestResult, unit: int, q: float) -> ActivationQuantile:
-    """Quantile ``q`` of ``unit``'s activation in ``result``: exact from the tail by the module's rule,
-    else over its random windows' tokens (a ValueError when there are none)."""
+def unit_quantile(result: Any, unit: int, q: float) -> ActivationQuantile:
+    """Quantile ``q`` of ``unit``'s activation in ``result`` (a `tdb_lens.explain.harvest.HarvestResult`):
+    exact from the tail by the module's rule, else over its random windows' tokens (a ValueError
+    when there are none)."""
     q = _check_q(q)
     i = result.index_of(unit)
     n = int(result.stats["n_tokens"])
@@ -109,3 +107,17 @@ def unit_quantile(result: HarvestResult, unit: int, q: float) -> ActivationQuant
         raise ValueError(f"the harvest of {result.hook} holds no random windows to take a quantile of "
                          f"({reason}): give a value")
     return ActivationQuantile(q, float(torch.quantile(acts, q)), False, n, int(acts.numel()), reason)
+
+
+def quantile_coverage(result: Any, unit: int) -> str:
+    """Which quantiles of ``unit`` the harvest answers exactly and what the rest come from, in words."""
+    i = result.index_of(unit)
+    n = int(result.stats["n_tokens"])
+    n_sample = int((~result.random_acts[i].isnan()).sum())
+    t = int((result.tail_tokens[i] >= 0).sum()) if result.tail_values.shape[1] else 0
+    if t == 0:
+        return f"quantiles from a sample of {n_sample:,} tokens (no per-token tail)"
+    q_min = min_exact_quantile(n, t)
+    if q_min == 0.0:
+        return f"quantiles exact: all {n:,} tokens are in the tail"
+    return f"quantiles exact for q >= {q_min:.6g} (top {t:,} of {n:,} tokens), below from a sample of {n_sample:,} tokens"
