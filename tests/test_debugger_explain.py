@@ -186,41 +186,59 @@ def clamped_metric(model, unit: int, value: float) -> float:
 
 
 def test_quantile_of_every_harvested_token(setup, client):
-    """A harvest whose random windows are the whole corpus: the quantile is torch.quantile over every
-    harvested token, and the steered run equals a hand-written clamping hook."""
+    """Quantiles the harvest's per-token tail covers are torch.quantile over every harvested token
+    (recomputed), named exact; the steered run equals a hand-written clamping hook. Below the rule
+    (a tail of 8 of 320 tokens answers q >= 0.978), the random windows' tokens are used, and named."""
     from tdb_lens.explain import build_corpus, harvest
 
     model, _, tmp = setup
     corpus = build_corpus(model, TEXTS, ctx_len=16, n_windows=20, seed=0)
-    harvest(model, corpus, HARVEST_HOOK, tmp / "all" / "h", units=list(range(8)), k=4, n_sample=4, n_random=20,
-            n_quantiles=2, batch_size=8, progress=False, model_name="tiny-gpt2")
+    kw = dict(units=list(range(8)), k=4, n_sample=4, n_quantiles=2, batch_size=8, progress=False, model_name="tiny-gpt2")
+    harvest(model, corpus, HARVEST_HOOK, tmp / "all" / "h", n_random=2, n_tail=8, **kw)
     inv = Investigation(model, IOI, target=" Mary", distractor=" John", harvest_dirs=[tmp / "all"])
     with torch.no_grad():
         acts = activations(model, corpus.tokens, 3)
         assert acts.numel() == 20 * 16
-        for q in (0.5, 0.9, 0.999):
-            expect = float(torch.quantile(acts, q))
+        for q in (0.98, 0.99, 0.999):
+            expect = float(torch.quantile(acts.double(), q))
             inv.steer("L0.N3@-1", quantile=q)
             assert math.isclose(inv.interventions[-1].value, expect, rel_tol=1e-6, abs_tol=1e-7)
+            assert inv.interventions[-1].basis == f"q={q:g} of 320 tokens (exact)"
+            assert inv.interventions[-1].as_dict()["basis"] == inv.interventions[-1].basis
         table = inv.node_table(k=2)  # left: the clean run, right: the steered one
         clean = LogitDiff(model.to_single_token(" Mary"), model.to_single_token(" John"))(model(model.to_tokens(IOI)))
         assert math.isclose(table.objective[0], float(clean[0]), abs_tol=1e-5)
         assert math.isclose(table.objective[1], clamped_metric(model, 3, expect), abs_tol=1e-5)
         assert abs(table.objective[1] - table.objective[0]) > 1e-6  # the clamp changed something
+        # below the rule: the sample of the random windows' tokens, and why
+        from tdb_lens.explain import load_harvest
+
+        h = load_harvest(tmp / "all" / "h")
+        sample = activations(model, corpus.tokens[h.random_windows], 3)
+        inv.steer("L0.N3@-1", quantile=0.9)
+        iv = inv.interventions[-1]
+        assert math.isclose(iv.value, float(torch.quantile(sample, 0.9)), rel_tol=1e-6, abs_tol=1e-7)
+        assert iv.basis.startswith("q=0.9 of a sample of 32 tokens (below q=0.978")
+    page = inv.unit("L0.N3")
+    assert "quantiles exact for q >= 0.978056 (top 8 of 320 tokens), below from a sample of 32 tokens" in str(page)
 
 
 def test_quantile_steering_through_the_app(setup, client):
-    """The support harvest keeps 3 random windows: the quantile is torch.quantile over their tokens."""
+    """The support harvest (320 tokens, the default tail of 256): q=0.999 is exact, torch.quantile over
+    every token of the corpus recomputed; the app's reply names the basis."""
+    from tdb_lens.explain import load_harvest
+
     model, inv, _ = setup
-    rec = record(inv, 4)
+    h = load_harvest(inv.harvest_dirs[0] / "l0-post")
     with torch.no_grad():
-        acts = activations(model, rec.random_tokens, 4)
-        expect = float(torch.quantile(acts, 0.999))
+        acts = activations(model, h.tokens, 4)
+        expect = float(torch.quantile(acts.double(), 0.999))
         iv = {"node": "L0.N4@-1", "method": "clamp", "value": None, "quantile": 0.999}
         r = client.post("/api/table", json=dict(STATE, interventions=[iv]))
         assert r.status_code == 200, r.text
         t = r.json()
         assert math.isclose(t["meta"]["interventions"][0]["value"], expect, rel_tol=1e-6, abs_tol=1e-7)
+        assert t["meta"]["interventions"][0]["basis"] == "q=0.999 of 320 tokens (exact)"
         assert math.isclose(t["objective"][1], clamped_metric(model, 4, expect), abs_tol=1e-5)
     # the state it returns (value and quantile) loads back: the quantile wins and gives the same value
     inv.load_state(dict(STATE, interventions=t["meta"]["interventions"]))

@@ -31,6 +31,7 @@ from ..attribution import (
     steer_nodes,
     zero_ablation_hooks,
 )
+from ..explain.quantiles import ActivationQuantile
 from ..sae.attach import add_sae, attached_saes
 from .columns import KINDS, SIDES, DebuggerError, compute_columns, read_point
 from .tables import LogitTable, NodeTable, logit_table, select_rows
@@ -43,15 +44,18 @@ STEER_MODES = ("clamp", "add", "scale")
 @dataclass
 class Intervention:
     """An ablation (``method`` zero / mean / resample) or a steering (``method`` clamp / add / scale, ``value``;
-    ``quantile``: the harvest quantile the value was read from, when it was)."""
+    ``quantile``: the harvest quantile the value was read from, when it was; ``basis``: how it was
+    read, e.g. "q=0.999 of 1,234,567 tokens (exact)" or "q=0.5 of a sample of 640 tokens (...)")."""
 
     node: Node
     method: str = "zero"
     value: Optional[float] = None
     quantile: Optional[float] = None
+    basis: Optional[str] = None
 
     def as_dict(self) -> dict:
-        return {"node": str(self.node), "method": self.method, "value": self.value, "quantile": self.quantile}
+        return {"node": str(self.node), "method": self.method, "value": self.value, "quantile": self.quantile,
+                "basis": self.basis}
 
 
 @dataclass
@@ -209,12 +213,14 @@ class Investigation:
         if value is not None and quantile is not None:
             raise DebuggerError("give a steering value or a quantile, not both")
         n = self.check_node(node)
+        basis = None
         if quantile is not None:
-            value = self.harvested_quantile(n, quantile)
+            est = self.harvested_quantile(n, quantile)
+            value, basis = est.value, est.describe()
         elif value is None:
             value = self.harvested_max(n)
         self.interventions = [i for i in self.interventions if i.node != n] + [
-            Intervention(n, mode, float(value), None if quantile is None else float(quantile))]
+            Intervention(n, mode, float(value), None if quantile is None else float(quantile), basis)]
         return self
 
     def unablate(self, node: Optional[NodeLike] = None) -> Investigation:
@@ -379,8 +385,9 @@ class Investigation:
             raise DebuggerError(f"no harvest for {node.unit}: give a steering value")
         return float(h.stats["max"][h.index_of(node.index)])
 
-    def harvested_quantile(self, node: Node, quantile: float) -> float:
-        """The ``quantile`` of the unit's activations in its harvest (`units.activation_quantile`)."""
+    def harvested_quantile(self, node: Node, quantile: float) -> ActivationQuantile:
+        """The ``quantile`` of the unit's activations in its harvest (`units.activation_quantile`): the
+        value, and whether it is exact (from the per-token tail) or from the random-window sample."""
         from .units import activation_quantile
 
         return activation_quantile(self, node, quantile)

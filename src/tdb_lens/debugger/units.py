@@ -17,6 +17,7 @@ import torch
 from jaxtyping import Float
 
 from ..attribution import Node
+from ..explain.quantiles import ActivationQuantile, quantile_coverage
 from ..sae.attach import attached_saes
 from .columns import DebuggerError
 
@@ -164,7 +165,7 @@ def unit_page(inv, node: Node, n_examples: int = 10) -> UnitPage:
         page.top_examples = _examples(inv.model, rec.top_tokens, rec.top_acts, n_examples)
         page.random_examples = _examples(inv.model, rec.random_tokens, rec.random_acts, n_examples)
         page.stats = {k: v for k, v in rec.stats.items() if isinstance(v, float) and not math.isnan(v)}
-        page.sources.append(f"harvest {h.hook}")
+        page.sources.append(f"harvest {h.hook} ({quantile_coverage(h, node.index)})")
     if inv.store is not None:
         try:
             uid = inv.store.unit_id(label)
@@ -180,11 +181,11 @@ def unit_page(inv, node: Node, n_examples: int = 10) -> UnitPage:
     return page
 
 
-def activation_quantile(inv, node: Node, quantile: float) -> float:
-    """The ``quantile`` of the unit's activation over every token of its harvest's random windows (a
-    uniform sample of the corpus' windows, drawn with the harvest's seed: ``n_random`` x ``ctx_len``
-    token activations), by `torch.quantile`'s linear interpolation (Hyndman-Fan type 7). Above
-    ``1 - 1 / n_tokens`` it interpolates between the sample's two largest values."""
+def activation_quantile(inv, node: Node, quantile: float) -> ActivationQuantile:
+    """The ``quantile`` of the unit's activation over every token of its harvest, by `torch.quantile`'s
+    linear interpolation: exact from the harvest's per-token tail when it covers ``quantile``, else
+    over the tokens of its random windows (a uniform sample of windows), as the result says
+    (`tdb_lens.explain.quantiles`, the rule)."""
     if isinstance(quantile, bool) or not isinstance(quantile, numbers.Real) or not 0 < float(quantile) < 1:
         raise DebuggerError(f"quantile must be a number in (0, 1), e.g. 0.999; got {quantile!r}")
     if node.kind == "head":
@@ -194,11 +195,10 @@ def activation_quantile(inv, node: Node, quantile: float) -> float:
     if h is None:
         raise DebuggerError(f"no harvest for {node.unit}: give a steering value, or --harvest-dir with a harvest of "
                             f"{unit_hook(node)!r}")
-    acts = h.random_acts[h.index_of(node.index)].reshape(-1).float()
-    acts = acts[~acts.isnan()]
-    if not acts.numel():
-        raise DebuggerError(f"the harvest of {h.hook} holds no random windows to take a quantile of: give a value")
-    return float(torch.quantile(acts, float(quantile)))
+    try:
+        return h.quantile(node.index, float(quantile))
+    except ValueError as e:
+        raise DebuggerError(str(e)) from None
 
 
 @dataclass
