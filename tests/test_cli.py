@@ -104,6 +104,8 @@ def test_ioi_earlier_report_folder_is_accepted(tmp_path):
     (["--n-windows", "0"], ["--n-windows must be at least 1"]),
     (["--k", "0"], ["--k must be at least 1"]),
     (["--k", "-2"], ["--k must be at least 1"]),
+    (["--tail", "-1"], ["--tail must be at least 0, got -1"]),
+    (["--random-windows", "0"], ["--random-windows must be at least 1, got 0"]),
     (["--batch-size", "0"], ["--batch-size"]),
     (["--ctx-len", "1"], ["--ctx-len must be at least 2"]),
     (["--n-examples", "0"], ["--n-examples"]),

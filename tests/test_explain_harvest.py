@@ -306,3 +306,21 @@ def test_harvest_without_a_tail_loads_and_falls_back(model, corpus, tmp_path):
         harvest(model, corpus, HOOK, old, units=units, **KW)
     again = harvest(model, corpus, HOOK, old, units=units, **{**KW, "n_tail": 0})
     assert again.complete and torch.equal(again.top_values, new.top_values)
+
+
+def test_explain_cli_passes_tail_and_random_windows(model, tmp_path, capsys):
+    """``tdb-lens explain --tail N --random-windows M`` harvests with them (and names them in the
+    default harvest folder, so runs with other settings do not collide)."""
+    from tdb_lens.explain.cli import main
+
+    argv = ["--hook", HOOK, "--units", "0-1", "--n-windows", "12", "--ctx-len", str(CTX), "--k", "3",
+            "--explainer", "top-tokens", "--db", str(tmp_path / "e.db"), "--no-progress"]
+    assert main(argv + ["--tail", "16", "--random-windows", "3"], model=model) == 0, capsys.readouterr().err
+    (hdir,) = [p.parent for p in (tmp_path / "e-harvest").glob("*/manifest.json")]
+    assert "-k3-t16-r3-" in hdir.name
+    res = load_harvest(hdir)
+    assert (res.config.n_tail, res.config.n_random) == (16, 3)
+    assert res.tail_values.shape == (2, 16) and len(res.random_windows) == 3
+    flat = brute_force(model, build_corpus(model, default_corpus_path(), ctx_len=CTX, n_windows=12, seed=0), HOOK,
+                       [0, 1]).reshape(-1, 2)
+    torch.testing.assert_close(res.tail_values, torch.topk(flat.T, 16, dim=1).values, rtol=0, atol=0)

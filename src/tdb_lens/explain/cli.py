@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx-len", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--k", type=int, default=20, help="top windows kept per unit")
+    p.add_argument("--tail", type=int, default=256, metavar="N",
+                   help="largest token activations kept per unit over every harvested token, so that quantiles "
+                        "q with (1 - q)(tokens - 1) <= N - 1 are exact (steering by a quantile); 0: none (default 256)")
+    p.add_argument("--random-windows", type=int, default=20, metavar="N",
+                   help="random windows kept per unit: the random half of scoring, and the sample for quantiles "
+                        "the tail does not cover (default 20)")
     p.add_argument("--seed", type=int, default=0)
     add_explainer_arguments(p)
     p.add_argument("--db", default="runs/explanations.db", help="SQLite store (created if missing)")
@@ -77,7 +83,8 @@ def config_from_args(args: argparse.Namespace) -> ExplainConfig:
     """The run's `ExplainConfig` from parsed arguments (checked by ``ExplainConfig.check``)."""
     return ExplainConfig(
         hook=args.hook or "", units=args.units, model=args.model, sae=args.sae, corpus=args.corpus,
-        n_windows=args.n_windows, ctx_len=args.ctx_len, batch_size=args.batch_size, k=args.k, seed=args.seed,
+        n_windows=args.n_windows, ctx_len=args.ctx_len, batch_size=args.batch_size, k=args.k, tail=args.tail,
+        random_windows=args.random_windows, seed=args.seed,
         db=args.db, harvest_dir=args.harvest_dir, progress=not args.no_progress, **explainer_options(args),
     )
 

@@ -117,6 +117,8 @@ class ExplainConfig:
     ctx_len: int = 32
     batch_size: int = 16
     k: int = 20
+    tail: int = 256  # largest token activations kept per unit (exact extreme quantiles); 0: none
+    random_windows: int = 20  # random windows kept per unit (scoring; quantiles the tail does not cover)
     seed: int = 0
     explainers: tuple[str, ...] = ("local",)
     n_examples: int = 5
@@ -135,8 +137,8 @@ class ExplainConfig:
 
         if not self.hook:
             raise ValueError("--hook is required (e.g. blocks.3.mlp.hook_post), unless --search or --list")
-        for name, low in (("n_windows", 1), ("ctx_len", 2), ("batch_size", 1), ("k", 1), ("n_examples", 1),
-                          ("explain_tokens", 1)):
+        for name, low in (("n_windows", 1), ("ctx_len", 2), ("batch_size", 1), ("k", 1), ("tail", 0), ("random_windows", 1),
+                          ("n_examples", 1), ("explain_tokens", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         check_units_spec(self.units)  # syntax and counts; the range is checked on the model
@@ -286,6 +288,7 @@ def _run(config: ExplainConfig, model, log: Callable[[str], None], t0: float) ->
         log(f"harvesting {len(units)} units at {config.hook} over {corpus.n_windows} windows of {corpus.ctx_len} "
             f"tokens ({config.corpus}) into {hdir}")
         result = harvest(model, corpus, config.hook, hdir, units=units, k=config.k, batch_size=config.batch_size,
+                         n_tail=config.tail, n_random=config.random_windows,
                          seed=config.seed, identity=ident, progress=config.progress)
         records, dead = _live_records(config, result, log)
         label = f"{config.corpus} ({corpus.n_windows}x{corpus.ctx_len}, seed {config.seed})"
@@ -306,7 +309,8 @@ def _harvest_dir(config: ExplainConfig, ident: ModelIdentity, fingerprint: str, 
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(ident.name).name)[:40] or "model"
     digest = hashlib.sha256(",".join(map(str, units)).encode()).hexdigest()[:12]
     sae = f"-sae{ident.spliced[:8]}" if ident.spliced else ""
-    leaf = f"{config.hook}-{name}-{ident.digest[:12]}{sae}-{fingerprint}-k{config.k}-{digest}"
+    kept = f"k{config.k}-t{config.tail}-r{config.random_windows}"
+    leaf = f"{config.hook}-{name}-{ident.digest[:12]}{sae}-{fingerprint}-{kept}-{digest}"
     return db.with_name(f"{db.stem}-harvest") / leaf
 
 
