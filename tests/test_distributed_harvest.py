@@ -14,7 +14,7 @@ from tdb_lens.explain.harvest import harvest
 from tdb_lens.explain.sharding import harvest_sharded, load_sharded, shard_dirs
 
 EXACT = ("top_values", "top_windows", "top_acts", "sample_windows", "sample_values", "sample_acts", "sample_bins",
-         "quantile_edges", "random_windows", "random_acts")
+         "quantile_edges", "random_windows", "random_acts", "tail_values", "tail_tokens")
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,11 @@ def test_reference_exercises_ties_and_samples(reference):
     tie = (tv[:, 1:] == tv[:, :-1]) & (tw[:, 1:] >= 0)
     assert bool(tie.any())
     assert bool((tw[:, 1:][tie] > tw[:, :-1][tie]).all())
+    # and in the per-token tail (the same token's embedding in many windows), broken by token index
+    tv, ti = ref.tail_values, ref.tail_tokens
+    tie = (tv[:, 1:] == tv[:, :-1]) & (ti[:, 1:] >= 0)
+    assert bool(tie.any()) and bool((ti[:, 1:][tie] > ti[:, :-1][tie]).all())
+    assert ref.tail_values.shape[1] == 256 and int(ref.stats["n_tokens"]) == 64 * 12
     for r in reference.values():
         assert bool((r.sample_windows >= 0).any()) and len(r.random_windows) == SETTINGS["n_random"]
 

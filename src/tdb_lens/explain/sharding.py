@@ -10,9 +10,10 @@ between ranks while they work). After a barrier, rank 0 merges the shards with
 `tdb_lens.explain.harvest.load_harvest`; any later process can merge them with `load_sharded`.
 
 The merge equals the 1-process harvest: the top-k keep the same windows with ties broken by window
-index, the uniform samples use per-(window, unit) priorities that do not depend on who saw the
-window, the random windows are drawn from the seed, quantile edges come from every window's score;
-only the float64 sums behind mean and std are added in another order.
+index, the per-token tails the same tokens with ties broken by token index, the uniform samples use
+per-(window, unit) priorities that do not depend on who saw the window, the random windows are
+drawn from the seed, quantile edges come from every window's score; only the float64 sums behind
+mean and std are added in another order.
 
 A killed rank makes torchrun fail the job (non-zero exit; the other ranks are stopped). Running the
 same command again (or torchrun's ``--max-restarts``) resumes every rank from its last complete
@@ -72,7 +73,7 @@ def harvest_sharded(model: Any, corpus: Corpus, hook: str, out_dir: Union[str, o
 
     ``dist``: the process's `tdb_lens.distributed.Dist` (default: `tdb_lens.distributed.init()`,
     rank 0 of 1 in a plain process, which harvests everything into ``rank-0-of-1``). ``kwargs`` are
-    `tdb_lens.explain.harvest.harvest`'s (units, k, n_sample, n_random, n_quantiles, threshold,
+    `tdb_lens.explain.harvest.harvest`'s (units, k, n_sample, n_random, n_quantiles, threshold, n_tail,
     batch_size, seed, reduce, checkpoint_every, model_name, identity); ``worker``/``n_workers`` are
     this function's to set. Returns the merged result on rank 0 (when ``merge``), None elsewhere.
     """
