@@ -165,7 +165,7 @@ def unit_page(inv, node: Node, n_examples: int = 10) -> UnitPage:
         page.top_examples = _examples(inv.model, rec.top_tokens, rec.top_acts, n_examples)
         page.random_examples = _examples(inv.model, rec.random_tokens, rec.random_acts, n_examples)
         page.stats = {k: v for k, v in rec.stats.items() if isinstance(v, float) and not math.isnan(v)}
-        page.sources.append(f"harvest {h.hook} ({quantile_coverage(h, node.index)})")
+        page.sources.append(f"harvest {h.hook} ({quantile_coverage(h, rec.unit)})")
     if inv.store is not None:
         try:
             uid = inv.store.unit_id(label)
