@@ -20,7 +20,9 @@ from jaxtyping import install_import_hook
 TYPECHECKED = ["tdb_lens.hooks", "tdb_lens.attribution", "tdb_lens.sae", "tdb_lens.explain", "tdb_lens.corpus",
                "tdb_lens.provenance", "tdb_lens.input_checks",
                "tdb_lens.models", "tdb_lens.ioi", "tdb_lens.debugger", "tdb_lens.html", "tdb_lens.patching", "tdb_lens.evals",
-               "tdb_lens.utils", "tdb_lens.compat", "tdb_lens.sae_lens_compat", "tdb_lens.distributed", "tdb_lens.tokenizer"]
+               "tdb_lens.utils", "tdb_lens.compat", "tdb_lens.sae_lens_compat", "tdb_lens.distributed", "tdb_lens.tokenizer",
+               "tdb_lens.allocator", "tdb_lens.cli", "tdb_lens.cli_hooks", "tdb_lens.distributed_cli", "tdb_lens.hook_points",
+               "tdb_lens.loading"]
 install_import_hook(TYPECHECKED, "_typecheck.typecheck")
 
 # Every activation of every test run is checked against the layout its hook point declares
