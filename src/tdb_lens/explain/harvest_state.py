@@ -147,23 +147,48 @@ class _State:
         self.top_acts = ca.gather(1, idx[:, :, None].expand(-1, -1, ca.shape[2]))
 
     def update_tail(self, val: Float[torch.Tensor, "unit token"], idx: Int[torch.Tensor, " token"]) -> None:
-        """Fold one batch's token activations ``val [n, m]`` (global token indices ``idx``, ascending)
-        into the tail: the batch's own top T first (a stable sort keeps equal values in index order)."""
-        T = self.tail_val.shape[1]
+        """Fold one batch's token activations ``val [n, m]`` (global token indices ``idx``) into the tail.
+
+        Only tokens that can enter are merged: those at least the tail's current T-th value and at
+        least the batch's own T-th value (ties at either threshold included, so the merge decides
+        them). NaN activations never enter."""
+        n, T = self.tail_val.shape
         if T == 0 or val.shape[1] == 0:
             return
-        order = torch.argsort(val, dim=1, descending=True, stable=True)[:, :T]
-        self.merge_tail(val.gather(1, order), idx[order])
+        val = val.contiguous()
+        thr = self.tail_val[:, -1:]  # -inf while the tail fills
+        cand = val >= thr
+        if val.shape[1] > T and int(cand.sum(1).max()) > T:
+            thr = torch.maximum(thr, torch.topk(val, T, dim=1).values[:, -1:])
+            cand = val >= thr
+        counts = cand.sum(1)
+        width = int(counts.max())
+        if width == 0:
+            return
+        rows, cols = cand.nonzero(as_tuple=True)  # row-major: each unit's candidates in token order
+        slot = torch.arange(rows.shape[0]) - (counts.cumsum(0) - counts)[rows]
+        bv = torch.full((n, width), float("-inf"), dtype=val.dtype)
+        bi = torch.full((n, width), -1, dtype=torch.long)
+        bv[rows, slot] = val[rows, cols]
+        bi[rows, slot] = idx[cols]
+        self.merge_tail(bv, bi)
 
     def merge_tail(self, val: Float[torch.Tensor, "unit m"], idx: Int[torch.Tensor, "unit m"]) -> None:
         """Merge candidates into the tail; order: value descending, then token index ascending (empty
-        slots last), so the kept set does not depend on batching, order or the number of workers."""
+        slots last), so the kept set does not depend on batching, order or the number of workers.
+        (A top-k decides units without equal values among the kept or at the cut; the others are
+        sorted by both keys.)"""
         T = self.tail_val.shape[1]
         cv = torch.cat([self.tail_val, val], 1)
         ci = torch.cat([self.tail_idx, idx], 1)
-        o1 = torch.argsort(torch.where(ci < 0, torch.iinfo(torch.long).max, ci), dim=1, stable=True)
-        o2 = torch.argsort(cv.gather(1, o1), dim=1, descending=True, stable=True)
-        keep = o1.gather(1, o2)[:, :T]
+        top = torch.topk(cv, min(T + 1, cv.shape[1]), dim=1)  # one past the cut shows a tie at the cut
+        v, keep = top.values, top.indices[:, :T].contiguous()
+        rows = (v[:, 1:] == v[:, :-1]).any(1).nonzero().flatten()
+        if rows.numel():
+            rv, ri = cv[rows], ci[rows]
+            o1 = torch.argsort(torch.where(ri < 0, torch.iinfo(torch.long).max, ri), dim=1, stable=True)
+            o2 = torch.argsort(rv.gather(1, o1), dim=1, descending=True, stable=True)
+            keep[rows] = o1.gather(1, o2)[:, :T]
         self.tail_val = cv.gather(1, keep)
         self.tail_idx = ci.gather(1, keep)
 
