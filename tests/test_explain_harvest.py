@@ -324,3 +324,37 @@ def test_explain_cli_passes_tail_and_random_windows(model, tmp_path, capsys):
     flat = brute_force(model, build_corpus(model, default_corpus_path(), ctx_len=CTX, n_windows=12, seed=0), HOOK,
                        [0, 1]).reshape(-1, 2)
     torch.testing.assert_close(res.tail_values, torch.topk(flat.T, 16, dim=1).values, rtol=0, atol=0)
+
+
+def test_tail_state_is_independent_of_batching_and_workers():
+    """The running tail (many ties, NaN and -inf activations) equals the brute-force order (value
+    descending, token index ascending, NaN never kept) whatever the batch sizes, and two workers'
+    tails merge to the same."""
+    from tdb_lens.explain.harvest_state import HarvestConfig, _State
+
+    g = torch.Generator().manual_seed(0)
+    n, N, T = 6, 300, 40
+    vals = torch.randint(-15, 15, (n, N), generator=g).float()  # few distinct values: ties everywhere
+    vals[0, ::7] = float("nan")
+    vals[1, ::5] = float("-inf")
+    vals[2, :] = torch.randn(N, generator=g)  # distinct values: the top-k path
+    vals[3, :250] = float("nan")  # fewer than T real values
+    want_i = torch.full((n, T), -1, dtype=torch.long)
+    want_v = torch.full((n, T), float("-inf"))
+    for u in range(n):
+        order = sorted((j for j in range(N) if not math.isnan(float(vals[u, j]))), key=lambda j: (-float(vals[u, j]), j))[:T]
+        want_i[u, : len(order)] = torch.tensor(order, dtype=torch.long)
+        want_v[u, : len(order)] = vals[u, order]
+    cfg = HarvestConfig("h", list(range(n)), n_tail=T)
+    for trial in range(4):
+        cuts = sorted(torch.randperm(N - 1, generator=g)[: 3 + 4 * trial].add(1).tolist())
+        spans = list(zip([0] + cuts, cuts + [N]))
+        states = [_State.empty(n, cfg, 1, 0) for _ in range(2)]
+        one = _State.empty(n, cfg, 1, 0)
+        for b, (s, e) in enumerate(spans):
+            one.update_tail(vals[:, s:e], torch.arange(s, e))
+            states[b % 2].update_tail(vals[:, s:e], torch.arange(s, e))
+        states[1].merge_tail(states[0].tail_val, states[0].tail_idx)
+        for st in (one, states[1]):
+            assert st.tail_idx.tolist() == want_i.tolist(), trial
+            assert torch.equal(st.tail_val, want_v), trial

@@ -159,7 +159,8 @@ class _State:
         thr = self.tail_val[:, -1:]  # -inf while the tail fills
         cand = val >= thr
         if val.shape[1] > T and int(cand.sum(1).max()) > T:
-            thr = torch.maximum(thr, torch.topk(val, T, dim=1).values[:, -1:])
+            real = torch.where(val.isnan(), float("-inf"), val)  # top-k ranks NaN first; the tail never keeps it
+            thr = torch.maximum(thr, torch.topk(real, T, dim=1).values[:, -1:])
             cand = val >= thr
         counts = cand.sum(1)
         width = int(counts.max())
@@ -179,6 +180,8 @@ class _State:
         (A top-k decides units without equal values among the kept or at the cut; the others are
         sorted by both keys.)"""
         T = self.tail_val.shape[1]
+        if T == 0:
+            return
         cv = torch.cat([self.tail_val, val], 1)
         ci = torch.cat([self.tail_idx, idx], 1)
         top = torch.topk(cv, min(T + 1, cv.shape[1]), dim=1)  # one past the cut shows a tie at the cut
