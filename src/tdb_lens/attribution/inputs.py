@@ -41,7 +41,7 @@ class NonFiniteMetricError(ValueError):
     """The metric an analysis differentiates or normalises by came out NaN or infinite."""
 
 
-def check_finite(values: torch.Tensor, what: str) -> None:
+def check_finite(values: Shaped[torch.Tensor, "*shape"], what: str) -> None:
     """Raise `NonFiniteMetricError` naming the prompts whose ``values`` are NaN or infinite: every
     number an analysis derived from them would be too (a NaN weight, input or hook upstream)."""
     bad = ~torch.isfinite(values.detach().reshape(values.shape[0], -1) if values.ndim else values.detach()[None])

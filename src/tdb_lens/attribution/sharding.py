@@ -20,11 +20,11 @@ positions. In a plain process the one rank takes every prompt.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Optional
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 
 from ..distributed import Dist
 from ..distributed import init as dist_init
@@ -34,7 +34,7 @@ from .metrics import MetricLike
 __all__ = ["shard_rows", "sharded_patch", "reduce_means", "mean_over_rows"]
 
 
-def shard_rows(n: int, dist: Optional[Dist] = None) -> torch.Tensor:
+def shard_rows(n: int, dist: Optional[Dist] = None) -> Int[torch.Tensor, " n_r"]:
     """This rank's prompt indices ``[n_r]`` of ``n`` (contiguous, disjoint, in rank order)."""
     d = dist if dist is not None else dist_init()
     if n < d.world_size:
@@ -43,7 +43,8 @@ def shard_rows(n: int, dist: Optional[Dist] = None) -> torch.Tensor:
     return torch.arange(r.start, r.stop, dtype=torch.long)
 
 
-def reduce_means(local_means: torch.Tensor, n_local: int, n_total: int, dist: Optional[Dist] = None) -> torch.Tensor:
+def reduce_means(local_means: Float[torch.Tensor, "*shape"], n_local: int, n_total: int,
+                 dist: Optional[Dist] = None) -> Float[torch.Tensor, "*shape"]:
     """Batch means over every rank's prompts from each rank's means over its ``n_local`` prompts
     (float64 sums; the result has ``local_means``' dtype)."""
     d = dist if dist is not None else dist_init()
@@ -51,8 +52,9 @@ def reduce_means(local_means: torch.Tensor, n_local: int, n_total: int, dist: Op
     return (total / n_total).to(local_means.dtype)
 
 
-def mean_over_rows(fn: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, shape: tuple[int, ...],
-                   dist: Optional[Dist] = None) -> torch.Tensor:
+def mean_over_rows(fn: Callable[[torch.Tensor], torch.Tensor], rows: Union[Int[torch.Tensor, " rows"], Sequence[int]],
+                   shape: tuple[int, ...],
+                   dist: Optional[Dist] = None) -> Float[torch.Tensor, "*shape"]:
     """The mean over ``rows`` of a per-row quantity, with ``rows`` split over the ranks.
 
     ``fn(part)`` returns the quantity's mean over the rows ``part`` (a LongTensor), shaped

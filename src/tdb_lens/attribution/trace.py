@@ -48,7 +48,7 @@ class Trace:
         return self.effect._repr_html_()
 
 
-def target_value(model: Any, node: Node, act: torch.Tensor,
+def target_value(model: Any, node: Node, act: Float[torch.Tensor, "batch ..."],
                  direction: Optional[Float[torch.Tensor, " d"]] = None) -> Float[torch.Tensor, " batch"]:
     """The scalar per prompt that tracing ``node`` differentiates."""
     x = node.select(act)
