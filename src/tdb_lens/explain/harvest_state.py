@@ -160,7 +160,12 @@ class _State:
         cand = val >= thr
         if val.shape[1] > T and int(cand.sum(1).max()) > T:
             real = torch.where(val.isnan(), float("-inf"), val)  # top-k ranks NaN first; the tail never keeps it
-            thr = torch.maximum(thr, torch.topk(real, T, dim=1).values[:, -1:])
+            top = torch.topk(real, T, dim=1, sorted=False)
+            kth = top.values.amin(1, keepdim=True)
+            if bool(((val >= kth).sum(1) == T).all()):  # no ties at any unit's cut: the top-k is every entrant
+                self.merge_tail(top.values, idx[top.indices])
+                return
+            thr = torch.maximum(thr, kth)
             cand = val >= thr
         counts = cand.sum(1)
         width = int(counts.max())
