@@ -339,6 +339,9 @@ def test_tail_state_is_independent_of_batching_and_workers():
     vals[1, ::5] = float("-inf")
     vals[2, :] = torch.randn(N, generator=g)  # distinct values: the top-k path
     vals[3, :250] = float("nan")  # fewer than T real values
+    vals[4, :] = float("nan")  # exactly T real values, a third of them -inf
+    vals[4, 200:240] = torch.randn(40, generator=g)
+    vals[4, 200:240:3] = float("-inf")
     want_i = torch.full((n, T), -1, dtype=torch.long)
     want_v = torch.full((n, T), float("-inf"))
     for u in range(n):
@@ -346,8 +349,8 @@ def test_tail_state_is_independent_of_batching_and_workers():
         want_i[u, : len(order)] = torch.tensor(order, dtype=torch.long)
         want_v[u, : len(order)] = vals[u, order]
     cfg = HarvestConfig("h", list(range(n)), n_tail=T)
-    for trial in range(4):
-        cuts = sorted(torch.randperm(N - 1, generator=g)[: 3 + 4 * trial].add(1).tolist())
+    for trial in range(5):
+        cuts = sorted(torch.randperm(N - 1, generator=g)[: 4 * trial - 1].add(1).tolist()) if trial else []
         spans = list(zip([0] + cuts, cuts + [N]))
         states = [_State.empty(n, cfg, 1, 0) for _ in range(2)]
         one = _State.empty(n, cfg, 1, 0)

@@ -162,7 +162,8 @@ class _State:
             real = torch.where(val.isnan(), float("-inf"), val)  # top-k ranks NaN first; the tail never keeps it
             top = torch.topk(real, T, dim=1, sorted=False)
             kth = top.values.amin(1, keepdim=True)
-            if bool(((val >= kth).sum(1) == T).all()):  # no ties at any unit's cut: the top-k is every entrant
+            # no ties at any unit's cut (nor NaN stand-ins in a top-k reaching -inf): the top-k is every entrant
+            if bool((kth > float("-inf")).all()) and bool(((val >= kth).sum(1) == T).all()):
                 self.merge_tail(top.values, idx[top.indices])
                 return
             thr = torch.maximum(thr, kth)
