@@ -93,6 +93,13 @@ function renderTable(t) {
   document.querySelectorAll("#nodes thead th[data-col]").forEach((th) => { th.onclick = () => sortBy(th); });
   renderTokens(t);
   renderLogits(t.meta.logits);
+  // a steering quantile's basis from the server: exact over every harvested token, or a sample
+  const chips = document.querySelectorAll("#interventions .intervention");
+  (t.meta.interventions || []).forEach((iv, i) => {
+    if (!iv.basis || !chips[i] || chips[i].querySelector(".basis")) return;
+    chips[i].insertBefore(Object.assign(document.createElement("span"), {className: "basis", textContent: ` (${iv.basis})`}),
+      chips[i].querySelector("button"));
+  });
 }
 
 function sortBy(th) {
