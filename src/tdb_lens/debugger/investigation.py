@@ -206,8 +206,9 @@ class Investigation:
     def steer(self, node: NodeLike, value: Optional[float] = None, mode: str = "clamp",
               quantile: Optional[float] = None) -> Investigation:
         """Clamp / add to / scale ``node`` by ``value``; or, as Monitor does, by the ``quantile`` (in (0, 1),
-        e.g. 0.999) of the unit's own harvested activations (`harvested_quantile`); neither: by the
-        unit's harvested maximum."""
+        e.g. 0.999) of the unit's own harvested activations (`harvested_quantile`: exact from the
+        harvest's per-token tail when it covers the quantile, else from its random windows; the
+        intervention's ``basis`` says which); neither: by the unit's harvested maximum."""
         if mode not in STEER_MODES:
             raise DebuggerError(f"steering mode must be one of {STEER_MODES}, got {mode!r}")
         if value is not None and quantile is not None:
