@@ -306,6 +306,11 @@ def test_harvest_without_a_tail_loads_and_falls_back(model, corpus, tmp_path):
         harvest(model, corpus, HOOK, old, units=units, **KW)
     again = harvest(model, corpus, HOOK, old, units=units, **{**KW, "n_tail": 0})
     assert again.complete and torch.equal(again.top_values, new.top_values)
+    # another tail size is another harvest: refused for resuming and for merging
+    with pytest.raises(ValueError, match=r"different harvest \(config differs"):
+        harvest(model, corpus, HOOK, tmp_path / "new", units=units, **{**KW, "n_tail": 8})
+    with pytest.raises(ValueError, match="config differ"):
+        load_harvest(tmp_path / "new", old)
 
 
 def test_explain_cli_passes_tail_and_random_windows(model, tmp_path, capsys):
