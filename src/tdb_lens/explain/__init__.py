@@ -6,7 +6,9 @@ Modules: `corpus` (token windows), `units` (what a unit is at a hook), `harvest`
 resumable, mergeable top-k / quantile / random examples), `prompts` (prompt formats),
 `backends` (local chat model, OpenAI-compatible endpoints), `explainer`, `simulator`, `scoring`,
 `causal` (ablation-based score), `store` (SQLite), `search` (embeddings, clustering),
-`provenance` (model identity), `endpoint` (the OpenAI-compatible client), `pipeline`
+`quantiles` (a unit's activation quantiles, exact from the
+harvest's per-token tail where it covers them), `provenance` (model identity), `endpoint` (the
+OpenAI-compatible client), `pipeline`
 (`run_explain`, what ``tdb-lens explain`` runs), `cli`.
 """
 
@@ -17,12 +19,14 @@ from .corpus import Corpus, CorpusUnavailableError, build_corpus, default_corpus
 from .explainer import Explanation, LLMExplainer, TopTokensExplainer
 from .harvest import HarvestResult, UnitRecord, harvest, load_harvest
 from .pipeline import ExplainConfig, ExplainReport, run_explain
+from .quantiles import ActivationQuantile, unit_quantile
 from .scoring import correlation_score, detection_score, fuzzing_score, pearson, score_all
 from .search import MiniLMEmbedder, cluster, prompt_clusters, prompt_units, search
 from .simulator import AllAtOnceSimulator, JSONSimulator, LikelihoodSimulator, simulator_for
 from .store import ExplanationStore, StoreBusyError, format_table
 
 __all__ = [
+    "ActivationQuantile", "unit_quantile",
     "AllAtOnceSimulator", "BackendError", "CausalScore", "CausalScorer", "Corpus", "CorpusUnavailableError",
     "ExplainConfig", "ExplainReport", "Explanation", "ExplanationStore", "HarvestResult", "JSONSimulator",
     "LLMExplainer", "LikelihoodSimulator", "LocalChatBackend", "MiniLMEmbedder", "ModelIdentity",
