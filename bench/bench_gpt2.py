@@ -33,9 +33,9 @@ import torch
 
 # the offline TransformerLens builder and fast random init live with the tests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _gpt2_reference import GPT2_SMALL, make_hf_gpt2, make_tl  # noqa: E402
-
-from tdb_lens import HookedGPT2, keep_freed_memory  # noqa: E402
+from _gpt2_reference import GPT2_SMALL, make_hf_gpt2, make_tl
+from _provenance import provenance
+from tdb_lens import HookedGPT2, keep_freed_memory
 
 SHAPES = [(8, 128), (1, 16)]
 
@@ -64,7 +64,7 @@ def bench(variants: dict, tokens: torch.Tensor, repeats: int, warmup: int, devic
                 wall[name].append(time.perf_counter() - t0)
                 cpu[name].append(time.process_time() - c0)
                 del out
-    med = lambda d: {k: statistics.median(v) for k, v in d.items()}  # noqa: E731
+    med = lambda d: {k: statistics.median(v) for k, v in d.items()}
     return med(wall), med(cpu)
 
 
@@ -123,6 +123,7 @@ def main() -> None:
           "processes competing for the cores (it still counts OpenMP spin-waiting).")
     if args.json:
         results["load_avg_at_end"] = os.getloadavg()
+        results["provenance"] = provenance("bench_gpt2.py")
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2))
         print(f"wrote {args.json}")

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 import tdb_lens
+from _provenance import provenance
 from tdb_lens.corpus import build_corpus, default_corpus_path
 from tdb_lens.explain.harvest import harvest
 from tdb_lens.explain.provenance import model_identity
@@ -109,6 +110,7 @@ def main(argv=None) -> int:
               f"{r['harvest_tokens_per_cpu_s']:>18.0f} {r['ratio_cpu_time']:>9.2f}")
     print(f"identity digest of {results['weights_bytes'] / 1e6:.0f} MB of weights: {digest_s:.2f} s wall, "
           f"{digest_cpu_s:.2f} s CPU")
+    results["provenance"] = provenance("bench_harvest.py")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -29,6 +27,7 @@ from pathlib import Path
 import torch
 
 import tdb_lens
+from _provenance import provenance
 from tdb_lens.corpus import build_corpus, default_corpus_path
 from tdb_lens.explain.harvest import capture, harvest
 from tdb_lens.explain.provenance import model_identity
@@ -114,13 +113,7 @@ def main(argv=None) -> int:
                   f"below the exact value for {100 * r['sample_below_exact_fraction']:.0f}% of units")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    load = os.getloadavg()
-    results["provenance"] = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{os.cpu_count()} CPU cores, {platform.platform()}, torch {torch.__version__}, "
-                   f"{args.threads} torch threads; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}",
-        "command": "python bench/bench_harvest_tail.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
+    results["provenance"] = provenance("bench_harvest_tail.py", argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from _provenance import provenance
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SHAPES = [(8, 128), (1, 16)]
@@ -116,9 +118,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
-    import transformers  # noqa: F401  (imports paid before timing)
+    import transformers
 
-    import tdb_lens  # noqa: F401
+    import tdb_lens
     from tdb_lens.models.gguf import find_smollm2_gguf
 
     imports_s = time.perf_counter() - t0
@@ -150,7 +152,7 @@ def main() -> None:
         runs[mode] = speed_rows(variants, ours.cfg.d_vocab, args)
 
     print()
-    print("| load (median of %d) | tdb_lens | transformers | ratio | target |" % args.load_rounds)
+    print(f"| load (median of {args.load_rounds}) | tdb_lens | transformers | ratio | target |")
     print("|---|---|---|---|---|")
     ok = "met" if load_ratio <= LOAD_TARGET else "MISSED"
     print(f"| GGUF -> model | {load_med['tdb_lens']:.2f} s | {load_med['transformers']:.2f} s | "
@@ -175,7 +177,8 @@ def main() -> None:
             "load_cpu_ratio": load_cpu_ratio, "load_s": load_times, "load_cpu_s": load_cpu,
             "n_hooks_cached": n_hooks, "probe_max_abs_logit_diff": err,
         }
-        doc = {"runs": {mode: {**common, "rows": rows} for mode, rows in runs.items()}}
+        doc = {"runs": {mode: {**common, "rows": rows} for mode, rows in runs.items()},
+               "provenance": provenance("bench_llama.py")}
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)
         print(f"\nwrote {args.json}")
@@ -204,7 +207,8 @@ def speed_rows(variants: dict, d_vocab: int, args) -> list[dict]:
 
 def print_rows(mode: str, rows: list[dict], n_hooks: int) -> None:
     print(f"\nallocator: {mode}")
-    print(f"| shape | transformers fwd (ms) | tdb_lens fwd (ms) | ratio | tdb_lens run_with_cache, {n_hooks} hooks (ms) | ratio |")
+    print(f"| shape | transformers fwd (ms) | tdb_lens fwd (ms) | ratio "
+          f"| tdb_lens run_with_cache, {n_hooks} hooks (ms) | ratio |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         f_ok = "met" if r["forward_ratio"] <= TARGETS["forward"] else "MISSED"

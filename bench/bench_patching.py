@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from _provenance import provenance
+
 
 def tl_copy(ours):
     """A TransformerLens HookedTransformer holding ``ours``' weights."""
@@ -151,6 +153,7 @@ def _write_json(path: str, results: dict, load_before: tuple) -> None:
                     "load_average_after": list(os.getloadavg())},
         "command": "python " + " ".join(sys.argv),
         **results,
+        "provenance": provenance("bench_patching.py"),
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(out, indent=1))

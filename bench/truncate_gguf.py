@@ -17,7 +17,6 @@ import re
 import sys
 
 import numpy as np
-
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 
