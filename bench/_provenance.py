@@ -25,3 +25,15 @@ def provenance(script: str, argv: Optional[list[str]] = None, note: str = "") ->
     if note:
         out["note"] = note
     return out
+
+
+def write_results(path: str, results: dict, script: str, argv: Optional[list[str]] = None) -> None:
+    """Add the `provenance` block to ``results`` and write them as JSON to ``path`` (folders made)."""
+    import json
+    from pathlib import Path
+
+    results["provenance"] = provenance(script, argv)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}", file=sys.stderr)

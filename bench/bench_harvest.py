@@ -27,7 +27,6 @@ Prints a table and writes bench/results/bench_harvest.json.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -38,7 +37,7 @@ from pathlib import Path
 import torch
 
 import tdb_lens
-from _provenance import provenance
+from _provenance import write_results
 from tdb_lens.corpus import build_corpus, default_corpus_path
 from tdb_lens.explain.harvest import harvest
 from tdb_lens.explain.provenance import model_identity
@@ -110,11 +109,7 @@ def main(argv=None) -> int:
               f"{r['harvest_tokens_per_cpu_s']:>18.0f} {r['ratio_cpu_time']:>9.2f}")
     print(f"identity digest of {results['weights_bytes'] / 1e6:.0f} MB of weights: {digest_s:.2f} s wall, "
           f"{digest_cpu_s:.2f} s CPU")
-    results["provenance"] = provenance("bench_harvest.py")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"wrote {out}", file=sys.stderr)
+    write_results(args.out, results, "bench_harvest.py")
     return 0
 
 

@@ -16,7 +16,6 @@ Prints a table and writes bench/results/bench_harvest_tail.json.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 import tdb_lens
-from _provenance import provenance
+from _provenance import write_results
 from tdb_lens.corpus import build_corpus, default_corpus_path
 from tdb_lens.explain.harvest import capture, harvest
 from tdb_lens.explain.provenance import model_identity
@@ -113,11 +112,7 @@ def main(argv=None) -> int:
                   f"below the exact value for {100 * r['sample_below_exact_fraction']:.0f}% of units")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    results["provenance"] = provenance("bench_harvest_tail.py", argv)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"wrote {out}", file=sys.stderr)
+    write_results(args.out, results, "bench_harvest_tail.py", argv)
     return 0
 
 
