@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 from ..attribution import Node
@@ -112,7 +112,8 @@ class ExplainResult:
     details: dict
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        """Every field, as JSON-ready plain values (what ``/api/explain`` returns)."""
+        return asdict(self)
 
     def __str__(self) -> str:
         parts = []
