@@ -56,3 +56,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A tiny random GPT-2 checkpoint folder (tests/_tiny_files.py), one per test module."""
+    from _tiny_files import save_tiny_gpt2
+
+    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    """A random-word text corpus file (tests/_tiny_files.py), one per test module."""
+    from _tiny_files import write_corpus
+
+    return write_corpus(tmp_path_factory.mktemp("corpus"))

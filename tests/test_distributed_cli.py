@@ -15,21 +15,10 @@ import pytest
 import torch
 
 from _dist_launch import HERE, explain
-from _tiny_files import save_gpt2, save_tiny_gpt2, write_corpus
+from _tiny_files import save_gpt2
 from tdb_lens.explain.cli import main as explain_main
 from tdb_lens.explain.harvest import load_harvest
 from tdb_lens.explain.store import ExplanationStore
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2tiny"))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
-
 
 # the in-process reference runs on one thread, as each rank does (the same kernels, the same sums)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,8 +32,8 @@ def tdb_lens_torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subpr
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def explain_args(model_dir, corpus, db: Path) -> list[str]:
-    return ["--model", str(model_dir), "--hook", "blocks.1.mlp.hook_post", "--units", "0-3", "--corpus", str(corpus),
+def explain_args(tiny_gpt2_dir, tiny_corpus, db: Path) -> list[str]:
+    return ["--model", str(tiny_gpt2_dir), "--hook", "blocks.1.mlp.hook_post", "--units", "0-3", "--corpus", str(tiny_corpus),
             "--n-windows", "32", "--ctx-len", "16", "--batch-size", "4", "--explainer", "top-tokens",
             "--scores", "correlation", "--db", str(db), "--no-progress"]
 
@@ -60,13 +49,13 @@ def harvest_dir(db: Path) -> Path:
     return found[0]
 
 
-def test_explain_under_torchrun_equals_the_one_process_command(model_dir, corpus, tmp_path):
+def test_explain_under_torchrun_equals_the_one_process_command(tiny_gpt2_dir, tiny_corpus, tmp_path):
     ref_db = tmp_path / "one" / "ex.db"
     ref_db.parent.mkdir()
-    assert explain_main(explain_args(model_dir, corpus, ref_db)) == 0
+    assert explain_main(explain_args(tiny_gpt2_dir, tiny_corpus, ref_db)) == 0
     db = tmp_path / "two" / "ex.db"
     db.parent.mkdir()
-    proc = tdb_lens_torchrun("explain", *explain_args(model_dir, corpus, db))
+    proc = tdb_lens_torchrun("explain", *explain_args(tiny_gpt2_dir, tiny_corpus, db))
     assert proc.returncode == 0, explain(proc)
     # the harvest ran on both ranks, one shard each, and was consolidated where the command looks
     hdir = harvest_dir(db)
@@ -87,10 +76,10 @@ def test_explain_under_torchrun_equals_the_one_process_command(model_dir, corpus
     assert "[rank 0/2] harvesting on 2 ranks" in proc.stderr
 
 
-def test_sae_train_under_torchrun(model_dir, corpus, tmp_path):
+def test_sae_train_under_torchrun(tiny_gpt2_dir, tiny_corpus, tmp_path):
     out = tmp_path / "sae"
-    proc = tdb_lens_torchrun("sae", "train", "--model", str(model_dir), "--hook", "blocks.0.hook_resid_post", "--corpus",
-                             str(corpus), "--context-size", "32", "--k", "4", "--d-sae", "64", "--tokens", "4096",
+    proc = tdb_lens_torchrun("sae", "train", "--model", str(tiny_gpt2_dir), "--hook", "blocks.0.hook_resid_post", "--corpus",
+                             str(tiny_corpus), "--context-size", "32", "--k", "4", "--d-sae", "64", "--tokens", "4096",
                              "--batch-size", "256", "--eval-tokens", "256", "--checkpoint-every", "5", "--out", str(out),
                              "--quiet")
     assert proc.returncode == 0, explain(proc)
@@ -105,8 +94,8 @@ def test_sae_train_under_torchrun(model_dir, corpus, tmp_path):
     assert 0 < metrics["l0"] <= 4
 
 
-def test_one_process_commands_are_refused_under_torchrun(model_dir):
-    proc = tdb_lens_torchrun("hooks", "--model", str(model_dir))
+def test_one_process_commands_are_refused_under_torchrun(tiny_gpt2_dir):
+    proc = tdb_lens_torchrun("hooks", "--model", str(tiny_gpt2_dir))
     assert proc.returncode != 0
     assert "tdb-lens hooks: error: runs in one process" in proc.stderr
 
@@ -117,8 +106,8 @@ def test_ioi_under_torchrun_equals_the_one_process_command(tmp_path):
 
     # 2 layers x 4 heads with attention 10x its initial scale (tests/_dist_patch.py), saved as a folder
     model = setup()[0]
-    model_dir = save_gpt2(model, tmp_path / "model")
-    args = ["--model", str(model_dir), "--prompts", "12", "--max-heads", "5", "--quiet"]
+    tiny_gpt2_dir = save_gpt2(model, tmp_path / "model")
+    args = ["--model", str(tiny_gpt2_dir), "--prompts", "12", "--max-heads", "5", "--quiet"]
     assert ioi_main(args + ["--out", str(tmp_path / "one")]) == 0
     proc = tdb_lens_torchrun("ioi", *args, "--out", str(tmp_path / "two"))
     assert proc.returncode == 0, explain(proc)

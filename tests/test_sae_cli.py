@@ -7,27 +7,15 @@ import json
 
 import pytest
 
-from _tiny_files import save_tiny_gpt2, write_corpus
 from tdb_lens.sae.cli import main
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2tiny"))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
-
 
 # tiny matmuls: one thread avoids oversubscribing a shared machine
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_train_then_eval(model_dir, corpus, tmp_path, capsys):
+def test_train_then_eval(tiny_gpt2_dir, tiny_corpus, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", "--model", str(model_dir), "--hook", "blocks.0.hook_resid_post", "--corpus", str(corpus),
+    args = ["train", "--model", str(tiny_gpt2_dir), "--hook", "blocks.0.hook_resid_post", "--corpus", str(tiny_corpus),
             "--context-size", "32", "--k", "4", "--d-sae", "64", "--tokens", "4096", "--batch-size", "256",
             "--eval-tokens", "256", "--checkpoint-every", "5", "--out", str(out), "--quiet"]
     assert main(args) == 0
@@ -39,7 +27,7 @@ def test_train_then_eval(model_dir, corpus, tmp_path, capsys):
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["metadata"]["hook_name"] == "blocks.0.hook_resid_post" and cfg["k"] == 4
     capsys.readouterr()
-    assert main(["eval", "--model", str(model_dir), "--sae", str(out), "--corpus", str(corpus), "--context-size", "32",
+    assert main(["eval", "--model", str(tiny_gpt2_dir), "--sae", str(out), "--corpus", str(tiny_corpus), "--context-size", "32",
                  "--tokens", "256", "--quiet"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert abs(printed["fvu"] - metrics["fvu"]) < 1e-6  # the same held-out rows
@@ -48,15 +36,15 @@ def test_train_then_eval(model_dir, corpus, tmp_path, capsys):
     assert "trained 16 steps" in capsys.readouterr().out
 
 
-def test_unknown_hook(model_dir, corpus, tmp_path, capsys):
-    assert main(["train", "--model", str(model_dir), "--hook", "blocks.0.hook_resid_pots", "--corpus", str(corpus),
+def test_unknown_hook(tiny_gpt2_dir, tiny_corpus, tmp_path, capsys):
+    assert main(["train", "--model", str(tiny_gpt2_dir), "--hook", "blocks.0.hook_resid_pots", "--corpus", str(tiny_corpus),
                  "--tokens", "100", "--batch-size", "50", "--out", str(tmp_path / "run")]) == 2
     assert "blocks.0.hook_resid_post" in capsys.readouterr().err
 
 
-def test_train_on_harvested_activations(model_dir, corpus, tmp_path, capsys):
+def test_train_on_harvested_activations(tiny_gpt2_dir, tiny_corpus, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", "--model", str(model_dir), "--hook", "blocks.1.hook_resid_post", "--corpus", str(corpus),
+    args = ["train", "--model", str(tiny_gpt2_dir), "--hook", "blocks.1.hook_resid_post", "--corpus", str(tiny_corpus),
             "--context-size", "32", "--k", "4", "--d-sae", "32", "--harvest-tokens", "1024", "--tokens", "4096",
             "--batch-size", "256", "--eval-tokens", "128", "--out", str(out), "--quiet", "--no-eval"]
     assert main(args) == 0
@@ -105,16 +93,16 @@ def no_model(monkeypatch):
     (["--tokens", "4096", "--lr", "-1"], "--lr"), (["--tokens", "4096", "--lr", "nan"], "--lr"),
     (["--tokens", "4096", "--device", "gpu7"], "--device"),
 ])
-def test_bad_ranges_are_refused_before_loading_a_model(no_model, corpus, tmp_path, capsys, extra, flag):
+def test_bad_ranges_are_refused_before_loading_a_model(no_model, tiny_corpus, tmp_path, capsys, extra, flag):
     out = tmp_path / "run"
-    assert main(BASE + ["--corpus", str(corpus), "--out", str(out)] + extra) == 2
+    assert main(BASE + ["--corpus", str(tiny_corpus), "--out", str(out)] + extra) == 2
     err = capsys.readouterr().err
     assert flag in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
 
 
-def test_out_is_checked_before_work(no_model, corpus, tmp_path, capsys):
-    args = BASE + ["--corpus", str(corpus), "--tokens", "4096"]
+def test_out_is_checked_before_work(no_model, tiny_corpus, tmp_path, capsys):
+    args = BASE + ["--corpus", str(tiny_corpus), "--tokens", "4096"]
     f = tmp_path / "a-file"
     f.write_text("keep me")
     assert main(args + ["--out", str(f)]) == 2
@@ -129,25 +117,25 @@ def test_out_is_checked_before_work(no_model, corpus, tmp_path, capsys):
     assert "--corpus" in capsys.readouterr().err
 
 
-def test_unknown_model_is_one_line(corpus, tmp_path, capsys):
-    assert main(BASE + ["--corpus", str(corpus), "--tokens", "4096", "--out", str(tmp_path / "run"),
+def test_unknown_model_is_one_line(tiny_corpus, tmp_path, capsys):
+    assert main(BASE + ["--corpus", str(tiny_corpus), "--tokens", "4096", "--out", str(tmp_path / "run"),
                         "--model", str(tmp_path / "no-such-model")]) == 2
     err = capsys.readouterr().err
     assert "--model" in err and "no-such-model" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
 
 
-def test_eval_checks_the_sae_before_loading_a_model(no_model, corpus, tmp_path, capsys):
-    assert main(["eval", "--sae", str(tmp_path / "nothing"), "--corpus", str(corpus)]) == 2
+def test_eval_checks_the_sae_before_loading_a_model(no_model, tiny_corpus, tmp_path, capsys):
+    assert main(["eval", "--sae", str(tmp_path / "nothing"), "--corpus", str(tiny_corpus)]) == 2
     assert "--sae" in capsys.readouterr().err
-    assert main(["eval", "--sae", str(tmp_path), "--corpus", str(corpus), "--tokens", "0"]) == 2
+    assert main(["eval", "--sae", str(tmp_path), "--corpus", str(tiny_corpus), "--tokens", "0"]) == 2
     assert "--tokens" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("hook", ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_z"])
-def test_hooks_without_one_vector_per_token_are_refused(model_dir, corpus, tmp_path, capsys, hook):
+def test_hooks_without_one_vector_per_token_are_refused(tiny_gpt2_dir, tiny_corpus, tmp_path, capsys, hook):
     out = tmp_path / "run"
-    args = ["train", "--model", str(model_dir), "--hook", hook, "--corpus", str(corpus), "--context-size", "32",
+    args = ["train", "--model", str(tiny_gpt2_dir), "--hook", hook, "--corpus", str(tiny_corpus), "--context-size", "32",
             "--tokens", "512", "--batch-size", "256", "--out", str(out), "--quiet"]
     assert main(args) == 2
     err = capsys.readouterr().err
